@@ -1,0 +1,18 @@
+//! The protocol core of RUSM cluster, with no QUIC stack and no tasks of its own.
+//!
+//! - [`transport`]: the [`Transport`](transport::Transport) / [`Connection`](transport::Connection)
+//!   traits a QUIC backend implements, and the typed [`TransportError`](transport::TransportError).
+//! - [`wire`]: control frames, the message envelope, the length-prefixed codec and its limits.
+//! - [`identity`]: node names, identities, the cluster CA, trust anchors, peer identities.
+//! - [`tls`]: the one rustls policy (TLS 1.3, ALPN, mutual authentication, CRLs).
+//! - [`link`]: the handshake checks and the duplicate-link tie-break (sans-IO).
+//! - [`order`]: per-pair message ordering over independent streams (sans-IO).
+
+pub mod identity;
+pub mod link;
+pub mod order;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use rustls;

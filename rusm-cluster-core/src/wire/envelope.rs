@@ -1,0 +1,354 @@
+//! The message envelope: one uni-stream carries one message, laid out as a `u16` big-endian
+//! header length, the [`EnvelopeHeader`] as MessagePack, then the payload bytes as they are (the
+//! payload is never serialized or copied on the way in or out when it arrives in one chunk).
+//!
+//! The header names the destination, the sending process, the message's number in its
+//! (sender, destination) pair — which lets the receiver restore per-pair order although each
+//! message travels on its own stream — and the payload length, so an oversized message is refused
+//! from its first bytes and a truncated one is recognised.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::codec::WireError;
+use super::Limits;
+use crate::transport::{stream_code, RecvStream, TransportError};
+
+/// Where a message goes on the receiving node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Dest {
+    /// A process by its id and its node's incarnation.
+    Pid {
+        /// The process id on the receiving node.
+        id: u64,
+        /// The receiving node's `creation` the pid was minted under.
+        creation: u64,
+    },
+    /// A locally registered name on the receiving node.
+    Name(String),
+}
+
+/// The header of one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeHeader {
+    /// The destination on the receiving node.
+    pub to: Dest,
+    /// The sending process's id on the sending node (`None` when sent from outside a process).
+    pub from: Option<u64>,
+    /// The message's number within its (from, to) pair on this link, starting at 1.
+    pub seq: u64,
+    /// The payload length in bytes.
+    pub len: u64,
+}
+
+/// Encodes the length-prefixed header (the payload follows it on the stream).
+pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
+    let mut out = BytesMut::with_capacity(32);
+    out.put_u16(0);
+    let mut w = (&mut out).writer();
+    // Writing into a BytesMut cannot fail, and every header field is plainly serializable.
+    if rmp_serde::encode::write(&mut w, header).is_err() {
+        unreachable!("encoding a header into memory cannot fail");
+    }
+    let len = (out.len() - 2) as u16;
+    out[..2].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+/// A message read whole from its stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadMessage {
+    /// Its header.
+    pub header: EnvelopeHeader,
+    /// Its payload (`header.len` bytes).
+    pub payload: Bytes,
+}
+
+/// A message stream that could not be read whole. When `header` is known, the receiver knows
+/// which message of which pair was lost and does not wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The payload is over the limit; the stream was stopped after the header, unbuffered.
+    #[error("message of {} bytes is over the limit of {max}", header.len)]
+    TooLarge {
+        /// The refused message's header.
+        header: EnvelopeHeader,
+        /// The limit.
+        max: usize,
+    },
+    /// The header or the stream's length is wrong; the stream was stopped.
+    #[error("malformed message: {error}")]
+    Malformed {
+        /// The header, if it decoded.
+        header: Option<EnvelopeHeader>,
+        /// What is wrong.
+        error: WireError,
+    },
+    /// The stream failed (reset by the sender, connection lost).
+    #[error("message stream failed: {error}")]
+    Transport {
+        /// The header, if it had arrived.
+        header: Option<EnvelopeHeader>,
+        /// The transport error.
+        error: TransportError,
+    },
+}
+
+impl ReadError {
+    /// The header of the lost message, if it had arrived.
+    pub fn header(&self) -> Option<&EnvelopeHeader> {
+        match self {
+            ReadError::TooLarge { header, .. } => Some(header),
+            ReadError::Malformed { header, .. } | ReadError::Transport { header, .. } => {
+                header.as_ref()
+            }
+        }
+    }
+}
+
+/// Reads one message from a uni-stream, enforcing `limits` before buffering: a header over
+/// `max_header_size` or a payload over `max_message_size` stops the stream at once.
+pub async fn read_message<R: RecvStream>(
+    stream: &mut R,
+    limits: &Limits,
+) -> Result<ReadMessage, ReadError> {
+    // Gather the header.
+    let mut head = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    let header_len;
+    loop {
+        let chunk = match stream.read_chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(ReadError::Malformed {
+                    header: None,
+                    error: WireError::Truncated {
+                        have: head.len() + first.as_ref().map_or(0, Bytes::len),
+                        want: 2,
+                    },
+                })
+            }
+            Err(error) => {
+                return Err(ReadError::Transport {
+                    header: None,
+                    error,
+                })
+            }
+        };
+        let have = match first.take() {
+            None if head.is_empty() => chunk,
+            prev => {
+                if let Some(p) = prev {
+                    head.extend_from_slice(&p);
+                }
+                head.extend_from_slice(&chunk);
+                head.split().freeze()
+            }
+        };
+        if have.len() >= 2 {
+            let hlen = u16::from_be_bytes([have[0], have[1]]) as usize;
+            if hlen > limits.max_header_size {
+                stream.stop(stream_code::MALFORMED);
+                return Err(ReadError::Malformed {
+                    header: None,
+                    error: WireError::FrameTooLarge {
+                        len: hlen,
+                        max: limits.max_header_size,
+                    },
+                });
+            }
+            if have.len() >= 2 + hlen {
+                header_len = hlen;
+                first = Some(have);
+                break;
+            }
+        }
+        first = Some(have);
+    }
+    let mut buf = first.unwrap_or_default();
+    let header: EnvelopeHeader =
+        rmp_serde::from_slice(&buf[2..2 + header_len]).map_err(|e| {
+            stream.stop(stream_code::MALFORMED);
+            ReadError::Malformed {
+                header: None,
+                error: WireError::Malformed {
+                    what: "message header",
+                    why: e.to_string(),
+                },
+            }
+        })?;
+    if header.len > limits.max_message_size as u64 {
+        stream.stop(stream_code::TOO_LARGE);
+        return Err(ReadError::TooLarge {
+            header,
+            max: limits.max_message_size,
+        });
+    }
+    let want = header.len as usize;
+    let _ = bytes::Buf::advance(&mut buf, 2 + header_len);
+    let too_long = |stream: &mut R, header: EnvelopeHeader, have: usize| {
+        stream.stop(stream_code::MALFORMED);
+        ReadError::Malformed {
+            header: Some(header),
+            error: WireError::Malformed {
+                what: "message",
+                why: format!("stream carries more than the {want} bytes announced ({have})"),
+            },
+        }
+    };
+    if buf.len() > want {
+        let have = buf.len();
+        return Err(too_long(stream, header, have));
+    }
+    // The common case: the whole payload came in the first chunk; no copy.
+    let mut payload: Option<BytesMut> = None;
+    let mut have = buf.len();
+    loop {
+        match stream.read_chunk().await {
+            Ok(Some(chunk)) => {
+                have += chunk.len();
+                if have > want {
+                    return Err(too_long(stream, header, have));
+                }
+                let p = payload.get_or_insert_with(|| {
+                    let mut p = BytesMut::with_capacity(want);
+                    p.extend_from_slice(&buf);
+                    p
+                });
+                p.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                return Err(ReadError::Transport {
+                    header: Some(header),
+                    error,
+                })
+            }
+        }
+    }
+    if have < want {
+        return Err(ReadError::Malformed {
+            header: Some(header),
+            error: WireError::Truncated { have, want },
+        });
+    }
+    let payload = match payload {
+        Some(p) => p.freeze(),
+        None => buf,
+    };
+    Ok(ReadMessage { header, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A stream made of fixed chunks, for testing the reader without a network.
+    struct Chunks {
+        chunks: VecDeque<Result<Bytes, TransportError>>,
+        stopped: Option<u32>,
+    }
+    impl Chunks {
+        fn new(data: &[u8], size: usize) -> Self {
+            Chunks {
+                chunks: data
+                    .chunks(size.max(1))
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect(),
+                stopped: None,
+            }
+        }
+    }
+    impl RecvStream for Chunks {
+        async fn read_chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
+            self.chunks.pop_front().transpose()
+        }
+        fn stop(&mut self, code: u32) {
+            self.stopped = Some(code);
+        }
+    }
+
+    fn header(len: u64) -> EnvelopeHeader {
+        EnvelopeHeader {
+            to: Dest::Name("greeter".into()),
+            from: Some(3),
+            seq: 9,
+            len,
+        }
+    }
+
+    fn wire(h: &EnvelopeHeader, payload: &[u8]) -> Vec<u8> {
+        let mut v = encode_header(h).to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn messages_round_trip_at_any_chunking() {
+        let payload: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let data = wire(&header(1000), &payload);
+        for size in [1, 2, 5, 64, 4096] {
+            let mut s = Chunks::new(&data, size);
+            let m = block_on(read_message(&mut s, &Limits::default())).unwrap();
+            assert_eq!(m.header, header(1000));
+            assert_eq!(&m.payload[..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_stopped_after_the_header() {
+        let limits = Limits {
+            max_message_size: 100,
+            ..Limits::default()
+        };
+        let data = wire(&header(101), &[0; 101]);
+        let mut s = Chunks::new(&data, 8);
+        let err = block_on(read_message(&mut s, &limits)).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge { max: 100, .. }));
+        assert_eq!(err.header().unwrap().seq, 9);
+        assert_eq!(s.stopped, Some(stream_code::TOO_LARGE));
+        assert!(!s.chunks.is_empty(), "the payload must not have been read");
+    }
+
+    #[test]
+    fn lying_lengths_are_refused() {
+        let long = wire(&header(3), b"abcdef");
+        let mut s = Chunks::new(&long, 64);
+        assert!(matches!(
+            block_on(read_message(&mut s, &Limits::default())),
+            Err(ReadError::Malformed {
+                header: Some(_),
+                ..
+            })
+        ));
+        let short = wire(&header(10), b"abc");
+        let mut s = Chunks::new(&short, 2);
+        let err = block_on(read_message(&mut s, &Limits::default())).unwrap_err();
+        assert!(matches!(
+            err,
+            ReadError::Malformed {
+                error: WireError::Truncated { have: 3, want: 10 },
+                ..
+            }
+        ));
+        let mut s = Chunks::new(&[0xff, 0xff, 1, 2, 3], 64);
+        assert!(matches!(
+            block_on(read_message(&mut s, &Limits::default())),
+            Err(ReadError::Malformed { header: None, .. })
+        ));
+        let mut s = Chunks::new(&[0, 3, 0xc1, 0xc1, 0xc1], 64);
+        assert!(matches!(
+            block_on(read_message(&mut s, &Limits::default())),
+            Err(ReadError::Malformed { header: None, .. })
+        ));
+    }
+}

@@ -1,0 +1,141 @@
+//! Control-stream frames: the link handshake (`Hello`, `Welcome`, `Reject`) and `Goodbye`.
+//! Later capabilities (registry gossip, request/reply RPC, monitors) add variants here; frames are
+//! encoded as MessagePack maps, so a field added later is ignored by an older decoder.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::NodeName;
+
+/// The version of the link protocol this build speaks. A peer with another version is refused
+/// with [`RejectReason::UnsupportedProtocol`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A known peer and where it listens (carried in hellos, so nodes can learn of each other).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddr {
+    /// The peer's node name.
+    pub name: NodeName,
+    /// Where it accepts connections.
+    pub addr: SocketAddr,
+}
+
+/// The first frame, sent by the dialler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the dialler.
+    pub protocol: u32,
+    /// The dialler's node name; must match its certificate (unless identities are shared).
+    pub name: NodeName,
+    /// The dialler's incarnation: a new value each time the node starts.
+    pub creation: u64,
+    /// Where the dialler accepts connections, if it does.
+    pub listen_addr: Option<SocketAddr>,
+    /// Peers the dialler is connected to.
+    pub peers: Vec<PeerAddr>,
+    /// A hidden node (an attach client) never joins the mesh.
+    pub hidden: bool,
+    /// The largest message payload the dialler accepts.
+    pub max_message_size: u64,
+}
+
+/// The listener's answer to an accepted [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the listener.
+    pub protocol: u32,
+    /// The listener's node name.
+    pub name: NodeName,
+    /// The listener's incarnation.
+    pub creation: u64,
+    /// Where the listener accepts connections.
+    pub listen_addr: Option<SocketAddr>,
+    /// Peers the listener is connected to.
+    pub peers: Vec<PeerAddr>,
+    /// The largest message payload the listener accepts.
+    pub max_message_size: u64,
+}
+
+/// Why a hello was refused, or a link closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The peers speak different protocol versions.
+    UnsupportedProtocol {
+        /// The version the refusing side speaks.
+        ours: u32,
+        /// The version the other side announced.
+        theirs: u32,
+    },
+    /// The name in the hello is not the one in the certificate: an impostor, or a node
+    /// configured with another node's certificate.
+    NameMismatch {
+        /// The name claimed in the hello.
+        claimed: String,
+        /// The names the certificate is valid for.
+        certified: Vec<String>,
+    },
+    /// The dialler claims the listener's own name.
+    SameName,
+    /// A link between these two nodes already exists (or wins a simultaneous-dial tie-break).
+    DuplicateLink,
+    /// One side uses a shared identity and the other a CA-issued one.
+    IdentityModeMismatch,
+    /// The listener is shutting down.
+    ShuttingDown,
+    /// The first frame was not a hello, or could not be decoded.
+    BadHandshake(String),
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RejectReason::UnsupportedProtocol { ours, theirs } => write!(
+                f,
+                "unsupported protocol version {theirs} (this node speaks {ours})"
+            ),
+            RejectReason::NameMismatch { claimed, certified } => write!(
+                f,
+                "node name {claimed:?} does not match the certificate (valid for {certified:?})"
+            ),
+            RejectReason::SameName => f.write_str("peer claims this node's own name"),
+            RejectReason::DuplicateLink => f.write_str("a link between these nodes already exists"),
+            RejectReason::IdentityModeMismatch => {
+                f.write_str("one side uses a shared identity, the other a CA-issued one")
+            }
+            RejectReason::ShuttingDown => f.write_str("node is shutting down"),
+            RejectReason::BadHandshake(why) => write!(f, "bad handshake: {why}"),
+        }
+    }
+}
+
+/// A frame on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Frame {
+    /// The dialler introduces itself.
+    Hello(Hello),
+    /// The listener accepts.
+    Welcome(Welcome),
+    /// The listener refuses; the connection closes after this frame.
+    Reject(RejectReason),
+    /// The sender is closing the link on purpose (shutdown).
+    Goodbye {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+impl Frame {
+    /// A short name of the frame kind, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::Welcome(_) => "welcome",
+            Frame::Reject(_) => "reject",
+            Frame::Goodbye { .. } => "goodbye",
+        }
+    }
+}

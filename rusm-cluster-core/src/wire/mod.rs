@@ -1,0 +1,32 @@
+//! The wire protocol: control frames on the long-lived control stream, and one message envelope
+//! per uni-stream. Every length read from the network is bounded by [`Limits`] before anything is
+//! allocated, and decoding never panics.
+
+mod codec;
+mod envelope;
+mod frame;
+
+pub use codec::{encode_frame, FrameDecoder, WireError};
+pub use envelope::{encode_header, read_message, Dest, EnvelopeHeader, ReadError, ReadMessage};
+pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
+
+/// Size limits enforced on input from the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest message payload accepted (and sent), in bytes. Default 8 MiB.
+    pub max_message_size: usize,
+    /// The largest control frame accepted, in bytes. Default 1 MiB.
+    pub max_frame_size: usize,
+    /// The largest message header accepted, in bytes. Default 4 KiB.
+    pub max_header_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 8 << 20,
+            max_frame_size: 1 << 20,
+            max_header_size: 4 << 10,
+        }
+    }
+}
