@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
@@ -653,8 +653,8 @@ impl ClusterCa {
         let crl_path = dir.join("crl.pem");
         if crl_path.exists() {
             for der in pem_decode_all(&read_file(&crl_path)?, "X509 CRL")? {
-                let (_, crl) = x509_parser::parse_x509_crl(&der)
-                .map_err(|e| parse_err("crl.pem", e))?;
+                let (_, crl) =
+                    x509_parser::parse_x509_crl(&der).map_err(|e| parse_err("crl.pem", e))?;
                 if let Some(n) = crl.crl_number() {
                     crl_number = u32::try_from(n).unwrap_or(u32::MAX);
                 }
@@ -732,7 +732,16 @@ mod tests {
         for ok in ["a", "london", "eu-west-1", "n1.example"] {
             assert!(NodeName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "London", "a b", "-x", "x-", "a..b", "é", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "London",
+            "a b",
+            "-x",
+            "x-",
+            "a..b",
+            "é",
+            &"x".repeat(64),
+        ] {
             assert!(NodeName::new(bad).is_err(), "{bad:?}");
         }
     }
@@ -778,7 +787,10 @@ mod tests {
     fn serial_hex_round_trips() {
         let ca = ClusterCa::generate("t").unwrap();
         let a = ca.issue("a").unwrap();
-        assert_eq!(&Serial::from_hex(&a.serial().to_string()).unwrap(), a.serial());
+        assert_eq!(
+            &Serial::from_hex(&a.serial().to_string()).unwrap(),
+            a.serial()
+        );
         assert!(Serial::from_hex("zz").is_err());
     }
 }

@@ -122,7 +122,12 @@ mod tests {
         ));
         let fake_london = peer_of(&ca.issue("london").unwrap());
         assert_eq!(
-            check_hello(&hello("london", PROTOCOL_VERSION), &fake_london, &london, false),
+            check_hello(
+                &hello("london", PROTOCOL_VERSION),
+                &fake_london,
+                &london,
+                false
+            ),
             Err(RejectReason::SameName)
         );
     }

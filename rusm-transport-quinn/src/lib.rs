@@ -1,1 +1,291 @@
-//! wip
+//! [`QuinnTransport`]: the RUSM cluster [`Transport`] over quinn 0.11.
+//!
+//! One UDP socket both dials and accepts. TLS comes from the core's one policy
+//! ([`rusm_cluster_core::tls`]); this crate only adapts quinn's types and errors, and applies the
+//! core's [`TransportTuning`] (stream credit, windows, keep-alive) on both the server and the
+//! client side, since quinn's limits govern what the *peer* may open.
+//!
+//! ```
+//! use rusm_cluster_core::identity::ClusterCa;
+//! use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
+//! use rusm_transport_quinn::QuinnTransport;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let ca = ClusterCa::generate("doc").unwrap();
+//! let t = QuinnTransport::bind(EndpointConfig {
+//!     identity: ca.issue("london").unwrap(),
+//!     trust: ca.trust(),
+//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     tuning: TransportTuning::default(),
+//! })
+//! .unwrap();
+//! assert_ne!(t.local_addr().unwrap().port(), 0);
+//! # }
+//! ```
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, VarInt};
+use rusm_cluster_core::identity::PeerIdentity;
+use rusm_cluster_core::rustls::pki_types::CertificateDer;
+use rusm_cluster_core::tls;
+use rusm_cluster_core::transport::{self as core, EndpointConfig, TransportError, TransportTuning};
+
+/// A quinn endpoint bound with the node's identity and trust.
+#[derive(Debug)]
+pub struct QuinnTransport {
+    endpoint: quinn::Endpoint,
+}
+
+fn transport_config(t: &TransportTuning) -> Result<Arc<quinn::TransportConfig>, TransportError> {
+    let mut c = quinn::TransportConfig::default();
+    c.max_concurrent_uni_streams(VarInt::from_u32(t.max_concurrent_uni_streams));
+    // One control stream per link; a few spare for future protocols.
+    c.max_concurrent_bidi_streams(VarInt::from_u32(8));
+    c.stream_receive_window(VarInt::from_u32(t.stream_receive_window));
+    c.receive_window(VarInt::from_u32(t.connection_receive_window));
+    c.send_window(u64::from(t.connection_receive_window));
+    c.keep_alive_interval(Some(t.keep_alive_interval));
+    let idle = quinn::IdleTimeout::try_from(t.idle_timeout).map_err(|e| TransportError::Setup {
+        reason: format!("idle timeout {:?}: {e}", t.idle_timeout),
+    })?;
+    c.max_idle_timeout(Some(idle));
+    Ok(Arc::new(c))
+}
+
+fn setup(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Setup {
+        reason: e.to_string(),
+    }
+}
+
+impl core::Transport for QuinnTransport {
+    type Connection = QuinnConnection;
+    type Incoming = Pin<Box<dyn Future<Output = Result<QuinnConnection, TransportError>> + Send>>;
+    const NAME: &'static str = "quinn";
+
+    fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
+        let transport = transport_config(&config.tuning)?;
+        let server_tls = tls::server_config(&config.identity, &config.trust).map_err(setup)?;
+        let client_tls = tls::client_config(&config.identity, &config.trust).map_err(setup)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).map_err(setup)?,
+        ));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).map_err(setup)?,
+        ));
+        client.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server, config.listen).map_err(setup)?;
+        endpoint.set_default_client_config(client);
+        Ok(QuinnTransport { endpoint })
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.endpoint.local_addr().map_err(setup)
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<QuinnConnection, TransportError> {
+        let connecting =
+            self.endpoint
+                .connect(addr, server_name)
+                .map_err(|e| TransportError::Connect {
+                    reason: e.to_string(),
+                })?;
+        let conn = connecting.await.map_err(conn_err)?;
+        QuinnConnection::new(conn)
+    }
+
+    async fn accept(&self) -> Option<Self::Incoming> {
+        let incoming = self.endpoint.accept().await?;
+        Some(Box::pin(async move {
+            let conn = incoming.into_future().await.map_err(conn_err)?;
+            QuinnConnection::new(conn)
+        }))
+    }
+
+    fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"endpoint closed");
+    }
+}
+
+/// A quinn connection whose peer certificate was verified.
+#[derive(Clone, Debug)]
+pub struct QuinnConnection {
+    conn: quinn::Connection,
+    peer: Arc<PeerIdentity>,
+}
+
+impl QuinnConnection {
+    fn new(conn: quinn::Connection) -> Result<Self, TransportError> {
+        let leaf = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.into_iter().next())
+            .ok_or_else(|| TransportError::Handshake {
+                reason: "peer presented no certificate".into(),
+            })?;
+        let peer = PeerIdentity::from_leaf(leaf).map_err(|e| TransportError::Handshake {
+            reason: e.to_string(),
+        })?;
+        Ok(QuinnConnection {
+            conn,
+            peer: Arc::new(peer),
+        })
+    }
+}
+
+/// Classifies quinn's connection errors. TLS alerts travel as CRYPTO_ERROR codes 0x100–0x1ff.
+fn conn_err(e: ConnectionError) -> TransportError {
+    let is_crypto = |code: u64| (0x100..=0x1ff).contains(&code);
+    match e {
+        ConnectionError::TransportError(t) if is_crypto(u64::from(t.code)) => {
+            TransportError::Handshake {
+                reason: t.to_string(),
+            }
+        }
+        ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => {
+            TransportError::Handshake {
+                reason: format!("rejected by peer: {c}"),
+            }
+        }
+        ConnectionError::ApplicationClosed(a) => TransportError::ClosedByPeer {
+            code: a.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&a.reason).into_owned(),
+        },
+        ConnectionError::TimedOut => TransportError::TimedOut,
+        ConnectionError::LocallyClosed => TransportError::ClosedLocally,
+        other => TransportError::ConnectionLost {
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> TransportError {
+    match e {
+        quinn::WriteError::Stopped(code) => TransportError::StreamStopped {
+            code: code.into_inner(),
+        },
+        quinn::WriteError::ConnectionLost(c) => conn_err(c),
+        other => TransportError::ConnectionLost {
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn read_err(e: quinn::ReadError) -> TransportError {
+    match e {
+        quinn::ReadError::Reset(code) => TransportError::StreamReset {
+            code: code.into_inner(),
+        },
+        quinn::ReadError::ConnectionLost(c) => conn_err(c),
+        other => TransportError::ConnectionLost {
+            reason: other.to_string(),
+        },
+    }
+}
+
+impl core::Connection for QuinnConnection {
+    type SendStream = QuinnSend;
+    type RecvStream = QuinnRecv;
+
+    fn peer_identity(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        Some(self.conn.rtt())
+    }
+
+    async fn open_bi(&self) -> Result<(QuinnSend, QuinnRecv), TransportError> {
+        let (s, r) = self.conn.open_bi().await.map_err(conn_err)?;
+        Ok((QuinnSend(s), QuinnRecv(r)))
+    }
+
+    async fn accept_bi(&self) -> Result<(QuinnSend, QuinnRecv), TransportError> {
+        let (s, r) = self.conn.accept_bi().await.map_err(conn_err)?;
+        Ok((QuinnSend(s), QuinnRecv(r)))
+    }
+
+    async fn open_uni(&self) -> Result<QuinnSend, TransportError> {
+        self.conn.open_uni().await.map(QuinnSend).map_err(conn_err)
+    }
+
+    async fn accept_uni(&self) -> Result<Option<QuinnRecv>, TransportError> {
+        match self.conn.accept_uni().await {
+            Ok(r) => Ok(Some(QuinnRecv(r))),
+            // A graceful close is "no more streams", as s2n-quic reports it.
+            Err(ConnectionError::ApplicationClosed(a))
+                if a.error_code.into_inner() == u64::from(core::close_code::NORMAL) =>
+            {
+                Ok(None)
+            }
+            Err(ConnectionError::LocallyClosed) => Ok(None),
+            Err(e) => Err(conn_err(e)),
+        }
+    }
+
+    fn close(&self, code: u32, reason: &[u8]) {
+        self.conn.close(VarInt::from_u32(code), reason);
+    }
+
+    async fn closed(&self) -> TransportError {
+        conn_err(self.conn.closed().await)
+    }
+}
+
+/// The writing half of a quinn stream.
+#[derive(Debug)]
+pub struct QuinnSend(quinn::SendStream);
+
+impl core::SendStream for QuinnSend {
+    async fn write(&mut self, data: Bytes) -> Result<(), TransportError> {
+        self.0.write_chunk(data).await.map_err(write_err)
+    }
+
+    async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
+        self.0.write_all_chunks(chunks).await.map_err(write_err)
+    }
+
+    fn finish(&mut self) -> Result<(), TransportError> {
+        self.0.finish().map_err(|e| TransportError::ConnectionLost {
+            reason: e.to_string(),
+        })
+    }
+
+    fn reset(&mut self, code: u32) {
+        let _ = self.0.reset(VarInt::from_u32(code));
+    }
+}
+
+/// The reading half of a quinn stream.
+#[derive(Debug)]
+pub struct QuinnRecv(quinn::RecvStream);
+
+impl core::RecvStream for QuinnRecv {
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
+        match self.0.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_err(e)),
+        }
+    }
+
+    fn stop(&mut self, code: u32) {
+        let _ = self.0.stop(VarInt::from_u32(code));
+    }
+}

@@ -146,6 +146,7 @@ mod tests {
             }),
             Frame::Goodbye {
                 reason: "bye".into(),
+                streams: 12,
             },
         ];
         let mut wire = Vec::new();

@@ -167,17 +167,16 @@ pub async fn read_message<R: RecvStream>(
         first = Some(have);
     }
     let mut buf = first.unwrap_or_default();
-    let header: EnvelopeHeader =
-        rmp_serde::from_slice(&buf[2..2 + header_len]).map_err(|e| {
-            stream.stop(stream_code::MALFORMED);
-            ReadError::Malformed {
-                header: None,
-                error: WireError::Malformed {
-                    what: "message header",
-                    why: e.to_string(),
-                },
-            }
-        })?;
+    let header: EnvelopeHeader = rmp_serde::from_slice(&buf[2..2 + header_len]).map_err(|e| {
+        stream.stop(stream_code::MALFORMED);
+        ReadError::Malformed {
+            header: None,
+            error: WireError::Malformed {
+                what: "message header",
+                why: e.to_string(),
+            },
+        }
+    })?;
     if header.len > limits.max_message_size as u64 {
         stream.stop(stream_code::TOO_LARGE);
         return Err(ReadError::TooLarge {

@@ -121,10 +121,14 @@ pub enum Frame {
     Welcome(Welcome),
     /// The listener refuses; the connection closes after this frame.
     Reject(RejectReason),
-    /// The sender is closing the link on purpose (shutdown).
+    /// The sender is closing the link on purpose (shutdown). The receiver reads the streams
+    /// still in flight, then closes the connection.
     Goodbye {
         /// Why, in words.
         reason: String,
+        /// How many message streams the sender opened on this link in all, so the receiver
+        /// knows when it has read the last one.
+        streams: u64,
     },
 }
 

@@ -1,0 +1,116 @@
+//! The cluster's errors: one enum for every fallible call, and [`SendError`], which hands the
+//! unsent payload back.
+
+use bytes::Bytes;
+use rusm_cluster_core::identity::{IdentityError, NodeName};
+use rusm_cluster_core::tls::TlsError;
+use rusm_cluster_core::transport::TransportError;
+
+use crate::pid::Pid;
+
+/// What went wrong in a cluster call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No link to that node is up. Call [`Node::connect`](crate::Node::connect) first; the node
+    /// may also have gone down (watch [`NodeEvent::NodeDown`](crate::NodeEvent::NodeDown)).
+    #[error("not connected to node {node}")]
+    NotConnected {
+        /// The node asked for.
+        node: NodeName,
+    },
+    /// No process is registered under that name on this node.
+    #[error("no process is registered as {name:?}")]
+    NameNotRegistered {
+        /// The name asked for.
+        name: String,
+    },
+    /// The name is already registered (to another live process).
+    #[error("name {name:?} is already registered to {pid}")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// Its current owner.
+        pid: Pid,
+    },
+    /// The process does not exist (it exited, or the pid is from an earlier incarnation of its
+    /// node).
+    #[error("no such process {pid}")]
+    NoProcess {
+        /// The pid asked for.
+        pid: Pid,
+    },
+    /// The payload is over the receiving node's `max_message_size`.
+    #[error("message of {size} bytes is over the limit of {max} bytes")]
+    MessageTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit the receiver announced.
+        max: usize,
+    },
+    /// The peer refused us, or we refused it: untrusted or revoked certificate, name not bound
+    /// to the certificate, wrong protocol version, wrong node at that address.
+    #[error("link to {node} rejected: {reason}")]
+    Rejected {
+        /// The node dialled.
+        node: NodeName,
+        /// Why, as the refusing side said it.
+        reason: String,
+    },
+    /// The transport failed (connection lost, endpoint could not bind, ...).
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// Something took longer than its configured timeout.
+    #[error("timed out: {what}")]
+    Timeout {
+        /// What did not finish.
+        what: String,
+    },
+    /// A name, certificate or key is invalid.
+    #[error("identity: {0}")]
+    Identity(#[from] std::sync::Arc<IdentityError>),
+    /// The TLS configuration could not be built from the identity and trust given.
+    #[error("TLS: {0}")]
+    Tls(std::sync::Arc<TlsError>),
+    /// The node's configuration is inconsistent (for example an identity issued for another
+    /// node name, or no trust anchor).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The node is shutting down.
+    #[error("node is shut down")]
+    Shutdown,
+}
+
+impl From<IdentityError> for Error {
+    fn from(e: IdentityError) -> Self {
+        Error::Identity(std::sync::Arc::new(e))
+    }
+}
+
+/// A send that failed, with the payload handed back so nothing is lost silently.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct SendError {
+    /// Why the message was not sent.
+    #[source]
+    pub error: Error,
+    /// The message that was not sent.
+    pub payload: Bytes,
+}
+
+impl SendError {
+    pub(crate) fn new(error: Error, payload: Bytes) -> Self {
+        SendError { error, payload }
+    }
+
+    /// The payload that was not sent.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Self {
+        e.error
+    }
+}

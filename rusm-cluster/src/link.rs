@@ -1,0 +1,808 @@
+//! The link driver, generic over the transport: dialling and accepting (mutual TLS, then the
+//! hello exchange), then one task per link that runs three loops side by side:
+//! - the **writer** opens one uni-stream per queued message (many in flight at once);
+//! - the **reader** accepts uni-streams and reads them concurrently, restores per-pair order,
+//!   and delivers into mailboxes within the link's memory budget;
+//! - the **control** loop reads and writes control frames (goodbye now; gossip and RPC later).
+//!
+//! Whichever loop ends first (connection lost, protocol violation, goodbye) ends the link; the
+//! teardown releases held-back messages, counts what was lost, and raises `NodeDown`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rusm_cluster_core::identity::NodeName;
+use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
+use rusm_cluster_core::order::{Placed, Reorder};
+use rusm_cluster_core::tls;
+use rusm_cluster_core::transport::{
+    close_code, Connection, RecvStream, SendStream, Transport, TransportError,
+};
+use rusm_cluster_core::wire::{
+    encode_frame, encode_header, read_message, Dest, EnvelopeHeader, Frame, FrameDecoder, Hello,
+    Limits, PeerAddr, ReadError, ReadMessage, RejectReason, Welcome, WireError, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, SendError};
+use crate::node::{lock, DownReason, Node, NodeEvent, NodeInner, PeerInfo};
+use crate::pid::Pid;
+use crate::process::Message;
+
+/// Messages queued per link before senders wait.
+const QUEUE: usize = 4096;
+/// Message streams written at once per link.
+const MAX_WRITES: usize = 4096;
+/// Message streams read at once per link.
+const MAX_READS: usize = 4096;
+/// How long a closing side waits for the peer to drain after a goodbye or reject.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// A message ready for the wire: the encoded header and the payload, untouched.
+struct Outgoing {
+    header: Bytes,
+    payload: Bytes,
+}
+
+enum Out {
+    Msg(Outgoing),
+    Goodbye(String),
+}
+
+/// Type-erased connection controls, so the handle is not generic.
+trait ConnCtl: Send + Sync {
+    fn rtt_estimate(&self) -> Option<Duration>;
+}
+
+impl<C: Connection> ConnCtl for C {
+    fn rtt_estimate(&self) -> Option<Duration> {
+        Connection::rtt(self)
+    }
+}
+
+/// The node's side of one link: what senders need, without the transport type.
+pub(crate) struct LinkHandle {
+    id: u64,
+    pub(crate) peer: NodeName,
+    addr: SocketAddr,
+    peer_creation: u64,
+    pub(crate) peer_max_message: usize,
+    tx: mpsc::Sender<Out>,
+    seqs: Mutex<HashMap<(Option<u64>, Dest), u64>>,
+    conn: Box<dyn ConnCtl>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    stats: Weak<NodeInner>,
+    closing: Mutex<Option<String>>,
+    finished: Notify,
+    is_finished: std::sync::atomic::AtomicBool,
+}
+
+impl LinkHandle {
+    pub(crate) fn info(&self) -> PeerInfo {
+        PeerInfo {
+            name: self.peer.clone(),
+            addr: self.addr,
+            creation: self.peer_creation,
+            rtt: self.conn.rtt_estimate(),
+            messages_sent: self.sent.load(Ordering::Relaxed),
+            messages_received: self.received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Numbers the message within its (from, to) pair and queues it. The queue slot is
+    /// reserved before the number is taken, so a cancelled send leaves no gap.
+    pub(crate) async fn enqueue(
+        &self,
+        from: Option<u64>,
+        to: Dest,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        let Ok(permit) = self.tx.reserve().await else {
+            let node = self.peer.clone();
+            return Err(SendError::new(Error::NotConnected { node }, payload));
+        };
+        let seq = {
+            let mut seqs = lock(&self.seqs);
+            let key = (from, to);
+            let next = seqs.get(&key).map_or(1, |s| s + 1);
+            let to = key.1.clone();
+            seqs.insert(key, next);
+            (next, to)
+        };
+        let (seq, to) = seq;
+        let header = encode_header(&EnvelopeHeader {
+            to,
+            from,
+            seq,
+            len: payload.len() as u64,
+        });
+        permit.send(Out::Msg(Outgoing { header, payload }));
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(node) = self.stats.upgrade() {
+            node.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Closes the link on purpose: queued messages are written first, then a goodbye tells the
+    /// peer how many streams to expect, and the peer closes once it has read them all.
+    pub(crate) async fn goodbye(&self, reason: &str) {
+        *lock(&self.closing) = Some(reason.to_string());
+        let finished = self.finished.notified();
+        if self.is_finished.load(Ordering::Acquire) {
+            return;
+        }
+        if self
+            .tx
+            .send(Out::Goodbye(reason.to_string()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(DRAIN + Duration::from_secs(1), finished).await;
+    }
+}
+
+/// How reading one frame during the handshake ended.
+enum FrameRead {
+    Frame(Frame),
+    Wire(WireError),
+    Transport(TransportError),
+    Eof,
+}
+
+async fn read_frame<R: RecvStream>(recv: &mut R, dec: &mut FrameDecoder) -> FrameRead {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => return FrameRead::Frame(f),
+            Ok(None) => {}
+            Err(e) => return FrameRead::Wire(e),
+        }
+        match recv.read_chunk().await {
+            Ok(Some(chunk)) => dec.push(&chunk),
+            Ok(None) => return FrameRead::Eof,
+            Err(e) => return FrameRead::Transport(e),
+        }
+    }
+}
+
+/// Maps a transport failure while linking to the error a user sees: refusals by either side
+/// become [`Error::Rejected`] with the refusing side's words.
+fn linking_error(peer: &NodeName, e: TransportError) -> Error {
+    match e {
+        TransportError::Handshake { reason } => Error::Rejected {
+            node: peer.clone(),
+            reason,
+        },
+        TransportError::ClosedByPeer { code, reason }
+            if code == u64::from(close_code::REJECTED) =>
+        {
+            Error::Rejected {
+                node: peer.clone(),
+                reason,
+            }
+        }
+        other => Error::Transport(other),
+    }
+}
+
+fn hello_peers(inner: &NodeInner) -> Vec<PeerAddr> {
+    let links = lock(&inner.links);
+    links
+        .up
+        .values()
+        .map(|l| PeerAddr {
+            name: l.peer.clone(),
+            addr: l.addr,
+        })
+        .collect()
+}
+
+/// Dials `peer` at `addr` and brings the link up.
+pub(crate) async fn dial<T: Transport>(
+    node: Node,
+    transport: Arc<T>,
+    peer: NodeName,
+    addr: SocketAddr,
+) -> Result<(), Error> {
+    let inner = &node.inner;
+    let server_name = tls::server_name_for(&inner.identity, &peer);
+    let conn = transport
+        .connect(addr, server_name)
+        .await
+        .map_err(|e| linking_error(&peer, e))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| linking_error(&peer, e))?;
+    let hello = Frame::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: inner.name.clone(),
+        creation: inner.creation,
+        listen_addr: Some(inner.local_addr),
+        peers: hello_peers(inner),
+        hidden: false,
+        max_message_size: inner.config.limits.max_message_size as u64,
+    });
+    let bytes = encode_frame(&hello).map_err(|e| Error::Config(e.to_string()))?;
+    send.write(bytes)
+        .await
+        .map_err(|e| linking_error(&peer, e))?;
+    let mut dec = FrameDecoder::new(inner.config.limits.max_frame_size);
+    let reject = |conn: &T::Connection, reason: RejectReason| {
+        inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+        conn.close(close_code::REJECTED, reason.to_string().as_bytes());
+        Error::Rejected {
+            node: peer.clone(),
+            reason: reason.to_string(),
+        }
+    };
+    let welcome = match read_frame(&mut recv, &mut dec).await {
+        FrameRead::Frame(Frame::Welcome(w)) => w,
+        FrameRead::Frame(Frame::Reject(reason)) => {
+            conn.close(close_code::REJECTED, b"rejected");
+            return Err(Error::Rejected {
+                node: peer.clone(),
+                reason: reason.to_string(),
+            });
+        }
+        FrameRead::Frame(other) => {
+            let why = format!("expected welcome, got {}", other.kind());
+            return Err(reject(&conn, RejectReason::BadHandshake(why)));
+        }
+        FrameRead::Wire(e) => {
+            inner.stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+            return Err(reject(&conn, RejectReason::BadHandshake(e.to_string())));
+        }
+        FrameRead::Transport(e) => return Err(linking_error(&peer, e)),
+        FrameRead::Eof => {
+            // The listener closed the stream; its close reason says why.
+            let why = conn.closed().await;
+            return Err(linking_error(&peer, why));
+        }
+    };
+    if let Err(reason) = check_welcome(
+        &welcome,
+        conn.peer_identity(),
+        &peer,
+        &inner.name,
+        inner.shared_identity,
+    ) {
+        return Err(reject(&conn, reason));
+    }
+    let registered = {
+        let mut links = lock(&inner.links);
+        if links.shut_down {
+            None
+        } else if links.up.contains_key(&peer) {
+            // The peer's dial to us came up meanwhile; keep that one.
+            conn.close(close_code::DUPLICATE, b"duplicate link");
+            return Ok(());
+        } else {
+            Some(register(
+                &node,
+                &mut links,
+                &conn,
+                &welcome.name,
+                welcome.creation,
+                welcome.max_message_size,
+            ))
+        }
+    };
+    let Some((link, rx)) = registered else {
+        conn.close(close_code::NORMAL, b"shutting down");
+        return Err(Error::Shutdown);
+    };
+    announce_up(inner, &link);
+    tokio::spawn(run_link(node.clone(), link, conn, send, recv, dec, rx));
+    Ok(())
+}
+
+/// Creates the handle of a new link and records it as up (the caller holds the links lock).
+fn register<C: Connection>(
+    node: &Node,
+    links: &mut crate::node::Links,
+    conn: &C,
+    peer: &NodeName,
+    creation: u64,
+    max_message: u64,
+) -> (Arc<LinkHandle>, mpsc::Receiver<Out>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let link = Arc::new(LinkHandle {
+        id: node.inner.next_link_id.fetch_add(1, Ordering::Relaxed),
+        peer: peer.clone(),
+        addr: conn.remote_addr(),
+        peer_creation: creation,
+        peer_max_message: usize::try_from(max_message).unwrap_or(usize::MAX),
+        tx,
+        seqs: Mutex::new(HashMap::new()),
+        conn: Box::new(conn.clone()),
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        stats: Arc::downgrade(&node.inner),
+        closing: Mutex::new(None),
+        finished: Notify::new(),
+        is_finished: std::sync::atomic::AtomicBool::new(false),
+    });
+    links.up.insert(peer.clone(), link.clone());
+    (link, rx)
+}
+
+fn announce_up(inner: &NodeInner, link: &LinkHandle) {
+    inner.stats.links_up.fetch_add(1, Ordering::Relaxed);
+    info!(node = %inner.name, peer = %link.peer, addr = %link.addr, "link up");
+    let _ = inner.events.send(NodeEvent::NodeUp {
+        node: link.peer.clone(),
+        addr: link.addr,
+    });
+}
+
+/// Accepts connections until the endpoint closes; each handshake runs in its own task.
+pub(crate) async fn accept_loop<T: Transport>(node: Weak<NodeInner>, transport: Arc<T>) {
+    while let Some(incoming) = transport.accept().await {
+        let Some(inner) = node.upgrade() else { break };
+        tokio::spawn(accept_one::<T>(Node { inner }, incoming));
+    }
+}
+
+async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
+    let inner = &node.inner;
+    let timeout = inner.config.handshake_timeout;
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            inner
+                .stats
+                .rejected_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(node = %inner.name, error = %e, "incoming connection refused in the TLS handshake");
+            return;
+        }
+        Err(_) => {
+            inner
+                .stats
+                .rejected_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(node = %inner.name, "incoming TLS handshake timed out");
+            return;
+        }
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            debug!(node = %inner.name, error = %e, "connection closed before its hello");
+            return;
+        }
+        Err(_) => {
+            inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+            conn.close(close_code::REJECTED, b"no hello in time");
+            return;
+        }
+    };
+    let mut dec = FrameDecoder::new(inner.config.limits.max_frame_size);
+    let first = match tokio::time::timeout(timeout, read_frame(&mut recv, &mut dec)).await {
+        Ok(f) => f,
+        Err(_) => FrameRead::Wire(WireError::Malformed {
+            what: "hello",
+            why: "none arrived in time".into(),
+        }),
+    };
+    let hello = match first {
+        FrameRead::Frame(Frame::Hello(h)) => h,
+        FrameRead::Frame(other) => {
+            let why = format!("expected hello, got {}", other.kind());
+            return refuse(inner, &conn, &mut send, RejectReason::BadHandshake(why)).await;
+        }
+        FrameRead::Wire(e) => {
+            inner.stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+            return refuse(
+                inner,
+                &conn,
+                &mut send,
+                RejectReason::BadHandshake(e.to_string()),
+            )
+            .await;
+        }
+        FrameRead::Transport(_) | FrameRead::Eof => return,
+    };
+    if let Err(reason) = check_hello(
+        &hello,
+        conn.peer_identity(),
+        &inner.name,
+        inner.shared_identity,
+    ) {
+        warn!(node = %inner.name, claimed = %hello.name, %reason, "hello refused");
+        return refuse(inner, &conn, &mut send, reason).await;
+    }
+    let registered = {
+        let mut links = lock(&inner.links);
+        if links.shut_down {
+            Err(RejectReason::ShuttingDown)
+        } else if links.up.contains_key(&hello.name)
+            || (links.dialling.contains(&hello.name) && own_dial_wins(&inner.name, &hello.name))
+        {
+            Err(RejectReason::DuplicateLink)
+        } else {
+            Ok(register(
+                &node,
+                &mut links,
+                &conn,
+                &hello.name,
+                hello.creation,
+                hello.max_message_size,
+            ))
+        }
+    };
+    let (link, rx) = match registered {
+        Ok(r) => r,
+        Err(reason) => return refuse(inner, &conn, &mut send, reason).await,
+    };
+    let welcome = Frame::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        name: inner.name.clone(),
+        creation: inner.creation,
+        listen_addr: Some(inner.local_addr),
+        peers: hello_peers(inner),
+        max_message_size: inner.config.limits.max_message_size as u64,
+    });
+    let sent = match encode_frame(&welcome) {
+        Ok(bytes) => send.write(bytes).await,
+        Err(e) => Err(TransportError::ConnectionLost {
+            reason: e.to_string(),
+        }),
+    };
+    announce_up(inner, &link);
+    if let Err(e) = sent {
+        // The dialler vanished mid-handshake: the link comes down at once, with NodeDown.
+        debug!(node = %inner.name, error = %e, "welcome not delivered");
+    }
+    run_link(node.clone(), link, conn, send, recv, dec, rx).await;
+}
+
+/// Sends a reject frame, then closes the connection with the same reason once the dialler has
+/// had a moment to read it (closing at once could discard the frame).
+async fn refuse<C: Connection>(
+    inner: &NodeInner,
+    conn: &C,
+    send: &mut C::SendStream,
+    reason: RejectReason,
+) {
+    inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+    if let Ok(bytes) = encode_frame(&Frame::Reject(reason.clone())) {
+        if send.write(bytes).await.is_ok() {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(DRAIN, conn.closed()).await;
+        }
+    }
+    conn.close(close_code::REJECTED, reason.to_string().as_bytes());
+}
+
+fn down_from(e: TransportError) -> DownReason {
+    match e {
+        TransportError::TimedOut => DownReason::TimedOut,
+        TransportError::ClosedByPeer { reason, code } if code == u64::from(close_code::NORMAL) => {
+            DownReason::Goodbye(reason)
+        }
+        TransportError::ClosedLocally => DownReason::Shutdown,
+        other => DownReason::ConnectionLost(other.to_string()),
+    }
+}
+
+/// Runs a link until it goes down, then tears it down.
+async fn run_link<C: Connection>(
+    node: Node,
+    link: Arc<LinkHandle>,
+    conn: C,
+    mut ctl_send: C::SendStream,
+    mut ctl_recv: C::RecvStream,
+    mut dec: FrameDecoder,
+    mut rx: mpsc::Receiver<Out>,
+) {
+    let inner = &node.inner;
+    let (goodbye_tx, goodbye_rx) = watch::channel(None);
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let mut reorder: Reorder<(Option<u64>, Dest), ReadMessage> = Reorder::new();
+    let budget = Arc::new(Semaphore::new(inner.config.link_budget_bytes.max(1)));
+    let reason = {
+        let reader = read_loop(&node, &link, &conn, &mut reorder, &budget, goodbye_rx);
+        let writer = write_loop(&node, &conn, &mut rx, &ctl_tx);
+        let control = control_loop(
+            &node,
+            &mut ctl_send,
+            &mut ctl_recv,
+            &mut dec,
+            ctl_rx,
+            &goodbye_tx,
+        );
+        tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            r = control => r,
+        }
+    };
+    // Teardown.
+    let reason = match lock(&link.closing).take() {
+        Some(_) => DownReason::Shutdown,
+        None => reason,
+    };
+    let code = match &reason {
+        DownReason::ProtocolViolation(_) => close_code::PROTOCOL,
+        _ => close_code::NORMAL,
+    };
+    conn.close(code, reason.to_string().as_bytes());
+    {
+        let mut links = lock(&inner.links);
+        if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
+            links.up.remove(&link.peer);
+        }
+    }
+    // Release what was held back for predecessors that will never come.
+    let mut released = Vec::new();
+    let missing = reorder.drain(&mut released);
+    inner
+        .stats
+        .lost_messages
+        .fetch_add(missing, Ordering::Relaxed);
+    for msg in released {
+        deliver(&node, &link, None, msg).await;
+    }
+    // Messages queued but never written are lost: count them.
+    rx.close();
+    let mut unsent = 0;
+    while let Ok(out) = rx.try_recv() {
+        if matches!(out, Out::Msg(_)) {
+            unsent += 1;
+        }
+    }
+    inner
+        .stats
+        .send_failures
+        .fetch_add(unsent, Ordering::Relaxed);
+    inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
+    info!(node = %inner.name, peer = %link.peer, %reason, "link down");
+    let _ = inner.events.send(NodeEvent::NodeDown {
+        node: link.peer.clone(),
+        reason,
+    });
+    link.is_finished.store(true, Ordering::Release);
+    link.finished.notify_waiters();
+}
+
+async fn write_one<C: Connection>(conn: C, out: Outgoing) -> Result<(), TransportError> {
+    let mut stream = conn.open_uni().await?;
+    let mut chunks = [out.header, out.payload];
+    stream.write_all_chunks(&mut chunks).await?;
+    stream.finish()
+}
+
+async fn write_loop<C: Connection>(
+    node: &Node,
+    conn: &C,
+    rx: &mut mpsc::Receiver<Out>,
+    ctl_tx: &mpsc::UnboundedSender<Frame>,
+) -> DownReason {
+    let stats = &node.inner.stats;
+    let mut inflight = FuturesUnordered::new();
+    let mut streams: u64 = 0;
+    let failed = |e: TransportError| {
+        stats.send_failures.fetch_add(1, Ordering::Relaxed);
+        debug!(error = %e, "message not written");
+    };
+    loop {
+        tokio::select! {
+            Some(res) = inflight.next(), if !inflight.is_empty() => {
+                if let Err(e) = res {
+                    failed(e);
+                }
+            }
+            out = rx.recv(), if inflight.len() < MAX_WRITES => match out {
+                Some(Out::Msg(m)) => {
+                    streams += 1;
+                    inflight.push(write_one(conn.clone(), m));
+                }
+                Some(Out::Goodbye(reason)) => {
+                    while let Some(res) = inflight.next().await {
+                        if let Err(e) = res {
+                            failed(e);
+                        }
+                    }
+                    let _ = ctl_tx.send(Frame::Goodbye { reason, streams });
+                    // The peer closes once it has read every stream.
+                    let _ = tokio::time::timeout(DRAIN, conn.closed()).await;
+                    return DownReason::Shutdown;
+                }
+                None => std::future::pending::<()>().await,
+            },
+        }
+    }
+}
+
+/// Reads one message stream.
+async fn read_one<R: RecvStream>(mut stream: R, limits: Limits) -> Result<ReadMessage, ReadError> {
+    read_message(&mut stream, &limits).await
+}
+
+async fn read_loop<C: Connection>(
+    node: &Node,
+    link: &LinkHandle,
+    conn: &C,
+    reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
+    budget: &Arc<Semaphore>,
+    mut goodbye: watch::Receiver<Option<(String, u64)>>,
+) -> DownReason {
+    let inner = &node.inner;
+    let limits = inner.config.limits;
+    let stats = &inner.stats;
+    let mut inflight = FuturesUnordered::new();
+    let mut accepted: u64 = 0;
+    let mut goodbye_open = true;
+    let mut out = Vec::new();
+    loop {
+        if let Some((reason, streams)) = &*goodbye.borrow() {
+            if accepted >= *streams && inflight.is_empty() {
+                return DownReason::Goodbye(reason.clone());
+            }
+        }
+        tokio::select! {
+            Some(res) = inflight.next(), if !inflight.is_empty() => {
+                let res: Result<ReadMessage, ReadError> = res;
+                match res {
+                    Ok(msg) => {
+                        let h: &EnvelopeHeader = &msg.header;
+                        let (key, seq) = ((h.from, h.to.clone()), h.seq);
+                        if reorder.on_message(key, seq, msg, &mut out) == Placed::Late {
+                            stats.lost_messages.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        match &e {
+                            ReadError::TooLarge { .. } => &stats.oversized_messages,
+                            ReadError::Malformed { .. } => &stats.malformed_messages,
+                            _ => &stats.lost_messages,
+                        }
+                        .fetch_add(1, Ordering::Relaxed);
+                        warn!(node = %inner.name, peer = %link.peer, error = %e, "message refused");
+                        if let Some(h) = e.header() {
+                            reorder.on_lost((h.from, h.to.clone()), h.seq, &mut out);
+                        }
+                    }
+                }
+                for msg in out.drain(..) {
+                    deliver(node, link, Some(budget), msg).await;
+                }
+            }
+            r = conn.accept_uni(), if inflight.len() < MAX_READS => match r {
+                Ok(Some(stream)) => {
+                    accepted += 1;
+                    inflight.push(read_one(stream, limits));
+                }
+                Ok(None) => return DownReason::ConnectionLost("connection closed".into()),
+                Err(e) => return down_from(e),
+            },
+            changed = goodbye.changed(), if goodbye_open => {
+                goodbye_open = changed.is_ok();
+            }
+        }
+    }
+}
+
+/// Hands a message to its local destination, charged to the link's budget (waiting while the
+/// budget is spent: the link then stops reading and QUIC flow control slows the sender).
+async fn deliver(
+    node: &Node,
+    link: &LinkHandle,
+    budget: Option<&Arc<Semaphore>>,
+    msg: ReadMessage,
+) {
+    let inner = &node.inner;
+    let id = match &msg.header.to {
+        Dest::Pid { id, creation } if *creation == inner.creation => Some(*id),
+        Dest::Pid { .. } => None,
+        Dest::Name(name) => inner
+            .names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied(),
+    };
+    let mailbox = id.and_then(|id| {
+        inner
+            .processes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|slot| slot.mailbox.clone())
+    });
+    let Some(mailbox) = mailbox else {
+        inner.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        debug!(node = %inner.name, peer = %link.peer, to = ?msg.header.to, "dead letter");
+        return;
+    };
+    let credit = match budget {
+        Some(budget) => {
+            let total = inner.config.link_budget_bytes.max(1);
+            let charge = (msg.payload.len() + 64).min(total).min(u32::MAX as usize) as u32;
+            budget.clone().acquire_many_owned(charge).await.ok()
+        }
+        None => None,
+    };
+    let from = msg.header.from.map(|id| Pid {
+        node: link.peer.clone(),
+        id,
+        creation: link.peer_creation,
+    });
+    if mailbox
+        .push(Message::new(from, msg.payload, credit))
+        .is_err()
+    {
+        inner.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    inner
+        .stats
+        .messages_received
+        .fetch_add(1, Ordering::Relaxed);
+    link.received.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn control_loop<S: SendStream, R: RecvStream>(
+    node: &Node,
+    send: &mut S,
+    recv: &mut R,
+    dec: &mut FrameDecoder,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+    goodbye: &watch::Sender<Option<(String, u64)>>,
+) -> DownReason {
+    let stats = &node.inner.stats;
+    let violation = |why: String| {
+        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+        DownReason::ProtocolViolation(why)
+    };
+    let mut frames_open = true;
+    loop {
+        tokio::select! {
+            frame = frames.recv(), if frames_open => match frame {
+                Some(frame) => {
+                    let bytes = match encode_frame(&frame) {
+                        Ok(b) => b,
+                        Err(e) => return DownReason::ProtocolViolation(e.to_string()),
+                    };
+                    if let Err(e) = send.write(bytes).await {
+                        return down_from(e);
+                    }
+                }
+                None => frames_open = false,
+            },
+            chunk = recv.read_chunk() => match chunk {
+                Ok(Some(chunk)) => {
+                    dec.push(&chunk);
+                    loop {
+                        match dec.next_frame() {
+                            Ok(Some(Frame::Goodbye { reason, streams })) => {
+                                let _ = goodbye.send(Some((reason, streams)));
+                            }
+                            Ok(Some(other)) => {
+                                return violation(format!("unexpected {} frame", other.kind()));
+                            }
+                            Ok(None) => break,
+                            Err(e) => return violation(e.to_string()),
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if goodbye.borrow().is_some() {
+                        // Let the reader finish the streams still in flight.
+                        std::future::pending::<()>().await;
+                    }
+                    return DownReason::ConnectionLost("control stream closed by peer".into());
+                }
+                Err(e) => return down_from(e),
+            },
+        }
+    }
+}

@@ -1,0 +1,769 @@
+//! The node: its name and endpoint, its processes and local names, its links to peers, its
+//! events and counters. [`Node`] carries no transport type: the transport is chosen on the
+//! [`NodeBuilder`] and erased behind the link driver.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor};
+use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
+use rusm_cluster_core::wire::{Dest, Limits};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, SendError};
+use crate::link::{self, LinkHandle};
+use crate::pid::Pid;
+use crate::process::{Mailbox, Process};
+use crate::stats::{NodeStats, Stats};
+
+/// The backend `Node::builder` uses, chosen by cargo feature (`quinn` by default).
+#[cfg(feature = "quinn")]
+pub type DefaultTransport = rusm_transport_quinn::QuinnTransport;
+
+/// Settings of a node. The defaults suit a LAN cluster.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// Size limits on input from the network (message, frame and header sizes).
+    pub limits: Limits,
+    /// QUIC stream credit, windows and keep-alive.
+    pub tuning: TransportTuning,
+    /// Messages a local sender may queue in one process's mailbox before it waits.
+    pub mailbox_capacity: usize,
+    /// Bytes of received messages one link may have waiting in mailboxes before it stops
+    /// reading (QUIC flow control then slows the sender). Bounds memory under a flood.
+    pub link_budget_bytes: usize,
+    /// How long dialling plus the hello exchange may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            limits: Limits::default(),
+            tuning: TransportTuning::default(),
+            mailbox_capacity: 1024,
+            link_budget_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Something that happened to the node's links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A link to `node` is up (both ends authenticated and exchanged hellos).
+    NodeUp {
+        /// The peer.
+        node: NodeName,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// The link to `node` went down.
+    NodeDown {
+        /// The peer.
+        node: NodeName,
+        /// Why.
+        reason: DownReason,
+    },
+}
+
+/// Why a link went down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownReason {
+    /// The peer said goodbye (it shut down, or closed the link on purpose).
+    Goodbye(String),
+    /// The peer stopped answering keep-alives.
+    TimedOut,
+    /// The connection was lost or closed.
+    ConnectionLost(String),
+    /// The peer broke the protocol (malformed or oversized control frame); we closed the link.
+    ProtocolViolation(String),
+    /// This node shut down.
+    Shutdown,
+}
+
+impl fmt::Display for DownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DownReason::Goodbye(r) => write!(f, "peer said goodbye: {r}"),
+            DownReason::TimedOut => f.write_str("peer timed out"),
+            DownReason::ConnectionLost(r) => write!(f, "connection lost: {r}"),
+            DownReason::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
+            DownReason::Shutdown => f.write_str("this node shut down"),
+        }
+    }
+}
+
+/// A connected peer, as [`Node::peers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// Its node name.
+    pub name: NodeName,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its incarnation.
+    pub creation: u64,
+    /// The current round-trip estimate.
+    pub rtt: Option<Duration>,
+    /// Messages sent to it on this link.
+    pub messages_sent: u64,
+    /// Messages received from it on this link.
+    pub messages_received: u64,
+}
+
+/// Type-erased transport operations (the node is not generic; the driver is).
+pub(crate) trait Dialer: Send + Sync {
+    fn dial(
+        &self,
+        node: Node,
+        peer: NodeName,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+    fn close(&self);
+}
+
+struct TypedDialer<T: Transport>(Arc<T>);
+
+impl<T: Transport> Dialer for TypedDialer<T> {
+    fn dial(
+        &self,
+        node: Node,
+        peer: NodeName,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> {
+        Box::pin(link::dial(node, self.0.clone(), peer, addr))
+    }
+    fn close(&self) {
+        self.0.close();
+    }
+}
+
+pub(crate) struct ProcessSlot {
+    pub(crate) mailbox: Mailbox,
+    pub(crate) task: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Links {
+    pub(crate) up: HashMap<NodeName, Arc<LinkHandle>>,
+    pub(crate) dialling: HashSet<NodeName>,
+    pub(crate) shut_down: bool,
+}
+
+pub(crate) struct NodeInner {
+    pub(crate) name: NodeName,
+    pub(crate) creation: u64,
+    pub(crate) shared_identity: bool,
+    pub(crate) identity: Identity,
+    pub(crate) config: NodeConfig,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) next_pid: AtomicU64,
+    pub(crate) processes: RwLock<HashMap<u64, ProcessSlot>>,
+    pub(crate) names: RwLock<HashMap<String, u64>>,
+    pub(crate) links: Mutex<Links>,
+    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) stats: Stats,
+    pub(crate) dialer: Box<dyn Dialer>,
+    pub(crate) next_link_id: AtomicU64,
+}
+
+/// A running node. Cheap to clone (all clones are the same node).
+///
+/// ```
+/// use bytes::Bytes;
+/// use rusm_cluster::{ClusterCa, Node};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let ca = ClusterCa::generate("demo")?;
+/// let london = Node::builder("london").identity(ca.issue("london")?).trust(ca.trust())
+///     .listen("127.0.0.1:0".parse()?).start().await?;
+/// let paris = Node::builder("paris").identity(ca.issue("paris")?).trust(ca.trust())
+///     .listen("127.0.0.1:0".parse()?).start().await?;
+///
+/// let (tx, rx) = tokio::sync::oneshot::channel();
+/// let greeter = london.spawn(|mut ctx| async move {
+///     let msg = ctx.recv().await.unwrap();
+///     tx.send(msg.into_payload()).unwrap();
+/// });
+/// london.register("greeter", &greeter)?;
+///
+/// paris.connect("london", london.local_addr()).await?;
+/// paris.send("london", "greeter", Bytes::from_static(b"hi")).await?;
+/// assert_eq!(rx.await?, Bytes::from_static(b"hi"));
+/// assert_eq!(paris.peers()[0].name.as_str(), "london");
+/// # paris.shutdown().await; london.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.inner.name)
+            .field("creation", &self.inner.creation)
+            .field("addr", &self.inner.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Node`]. Generic over the transport while it is being built; the node it starts
+/// is not.
+pub struct NodeBuilder<T> {
+    name: String,
+    identity: Option<Identity>,
+    trust: Option<TrustAnchor>,
+    listen: SocketAddr,
+    config: NodeConfig,
+    _transport: PhantomData<fn() -> T>,
+}
+
+impl<T> fmt::Debug for NodeBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "quinn")]
+impl Node {
+    /// Starts building a node called `name` on the default backend (quinn).
+    pub fn builder(name: impl Into<String>) -> NodeBuilder<DefaultTransport> {
+        NodeBuilder::new(name)
+    }
+}
+
+impl<T: Transport> NodeBuilder<T> {
+    /// Starts building a node called `name` on transport `T`.
+    pub fn new(name: impl Into<String>) -> Self {
+        NodeBuilder {
+            name: name.into(),
+            identity: None,
+            trust: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            config: NodeConfig::default(),
+            _transport: PhantomData,
+        }
+    }
+
+    /// Uses another transport backend.
+    pub fn transport<U: Transport>(self) -> NodeBuilder<U> {
+        NodeBuilder {
+            name: self.name,
+            identity: self.identity,
+            trust: self.trust,
+            listen: self.listen,
+            config: self.config,
+            _transport: PhantomData,
+        }
+    }
+
+    /// The node's certificate and key: from [`ClusterCa::issue`](crate::ClusterCa::issue) for
+    /// this node's name, or a shared [`Identity::generate`].
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Whom to trust (the cluster CA and its CRL). Not needed with a shared identity.
+    pub fn trust(mut self, trust: TrustAnchor) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    /// The UDP address to listen on (default `127.0.0.1:0`, a free port on loopback).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the largest message payload this node accepts (and announces to peers).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.limits.max_message_size = bytes;
+        self
+    }
+
+    /// Binds the endpoint and starts accepting links. Must run inside a tokio runtime.
+    pub async fn start(self) -> Result<Node, Error> {
+        let name = NodeName::new(&self.name)?;
+        let identity = self
+            .identity
+            .ok_or_else(|| Error::Config("no identity: call .identity(..)".into()))?;
+        let shared = match identity.kind() {
+            IdentityKind::Node(cert_name) if cert_name != &name => {
+                return Err(Error::Config(format!(
+                    "the identity is issued for node {cert_name:?}, not {name:?}"
+                )))
+            }
+            IdentityKind::Node(_) => false,
+            _ => true,
+        };
+        let trust = match (self.trust, identity.shared_trust()) {
+            (Some(t), _) => t,
+            (None, Some(t)) => t,
+            (None, None) => {
+                return Err(Error::Config(
+                    "no trust anchor: call .trust(ca.trust())".into(),
+                ))
+            }
+        };
+        let transport = Arc::new(T::bind(EndpointConfig {
+            identity: identity.clone(),
+            trust,
+            listen: self.listen,
+            tuning: self.config.tuning.clone(),
+        })?);
+        let local_addr = transport.local_addr()?;
+        let creation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let (events, _) = broadcast::channel(256);
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                name,
+                creation,
+                shared_identity: shared,
+                identity,
+                config: self.config,
+                local_addr,
+                next_pid: AtomicU64::new(1),
+                processes: RwLock::new(HashMap::new()),
+                names: RwLock::new(HashMap::new()),
+                links: Mutex::new(Links::default()),
+                events,
+                stats: Stats::default(),
+                dialer: Box::new(TypedDialer(transport.clone())),
+                next_link_id: AtomicU64::new(1),
+            }),
+        };
+        tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
+        tracing::info!(node = %node.inner.name, addr = %local_addr, backend = T::NAME, "node started");
+        Ok(node)
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// This node's name.
+    pub fn name(&self) -> &NodeName {
+        &self.inner.name
+    }
+
+    /// This node's incarnation (a new value each start).
+    pub fn creation(&self) -> u64 {
+        self.inner.creation
+    }
+
+    /// The address this node accepts links on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// Spawns a process running `f(ctx)` and returns its pid. The process ends when the future
+    /// returns (its names are then unregistered) or when the node shuts down.
+    pub fn spawn<F, Fut>(&self, f: F) -> Pid
+    where
+        F: FnOnce(Process) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let id = self.inner.next_pid.fetch_add(1, Ordering::Relaxed);
+        let pid = Pid {
+            node: self.inner.name.clone(),
+            id,
+            creation: self.inner.creation,
+        };
+        let (mailbox, rx) = Mailbox::new(self.inner.config.mailbox_capacity);
+        let fut = f(Process::new(pid.clone(), self.clone(), rx));
+        // Insert before the task can run, so it can be sent to at once.
+        write(&self.inner.processes).insert(
+            id,
+            ProcessSlot {
+                mailbox,
+                task: None,
+            },
+        );
+        let guard = ExitGuard {
+            node: Arc::downgrade(&self.inner),
+            id,
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+        if let Some(slot) = write(&self.inner.processes).get_mut(&id) {
+            slot.task = Some(task);
+        }
+        pid
+    }
+
+    /// Whether `pid` is a live local process.
+    pub fn is_alive(&self, pid: &Pid) -> bool {
+        pid.node == self.inner.name
+            && pid.creation == self.inner.creation
+            && read(&self.inner.processes)
+                .get(&pid.id)
+                .is_some_and(|s| !s.mailbox.is_closed())
+    }
+
+    /// Registers `pid` (a local process) under `name`, so others can send to it by name.
+    pub fn register(&self, name: &str, pid: &Pid) -> Result<(), Error> {
+        if !self.is_alive(pid) {
+            return Err(Error::NoProcess { pid: pid.clone() });
+        }
+        let mut names = write(&self.inner.names);
+        if let Some(&owner) = names.get(name) {
+            if owner != pid.id {
+                return Err(Error::NameTaken {
+                    name: name.to_string(),
+                    pid: self.local_pid(owner),
+                });
+            }
+        }
+        names.insert(name.to_string(), pid.id);
+        Ok(())
+    }
+
+    /// Removes a registered name; returns the pid it named.
+    pub fn unregister(&self, name: &str) -> Option<Pid> {
+        let id = write(&self.inner.names).remove(name)?;
+        Some(self.local_pid(id))
+    }
+
+    /// The local process registered as `name`.
+    pub fn whereis(&self, name: &str) -> Option<Pid> {
+        let id = *read(&self.inner.names).get(name)?;
+        Some(self.local_pid(id))
+    }
+
+    /// The locally registered names.
+    pub fn registered(&self) -> Vec<String> {
+        read(&self.inner.names).keys().cloned().collect()
+    }
+
+    fn local_pid(&self, id: u64) -> Pid {
+        Pid {
+            node: self.inner.name.clone(),
+            id,
+            creation: self.inner.creation,
+        }
+    }
+
+    /// Connects to node `name` listening at `addr`: mutual TLS, then the hello exchange on the
+    /// control stream. Returns once the link is up (at once if it already is).
+    ///
+    /// Errors: [`Error::Rejected`] when either side refuses the other (untrusted or revoked
+    /// certificate, a certificate not valid for `name`, protocol mismatch),
+    /// [`Error::Timeout`], [`Error::Transport`].
+    pub async fn connect(&self, name: &str, addr: SocketAddr) -> Result<(), Error> {
+        let peer = NodeName::new(name)?;
+        if peer == self.inner.name {
+            return Err(Error::Config("a node cannot connect to itself".into()));
+        }
+        let mut events = self.inner.events.subscribe();
+        {
+            let mut links = lock(&self.inner.links);
+            if links.shut_down {
+                return Err(Error::Shutdown);
+            }
+            if links.up.contains_key(&peer) {
+                return Ok(());
+            }
+            if !links.dialling.insert(peer.clone()) {
+                // Someone else on this node is dialling it: wait for their result.
+                drop(links);
+                return self.wait_for_link(&peer, &mut events).await;
+            }
+        }
+        let res = tokio::time::timeout(
+            self.inner.config.handshake_timeout,
+            self.inner.dialer.dial(self.clone(), peer.clone(), addr),
+        )
+        .await;
+        lock(&self.inner.links).dialling.remove(&peer);
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Error::Rejected { reason, .. }))
+                if reason == rusm_cluster_core::wire::RejectReason::DuplicateLink.to_string() =>
+            {
+                // The peer's own dial to us won the tie-break: that link is (or is about to
+                // be) up.
+                self.wait_for_link(&peer, &mut events).await
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout {
+                what: format!("connecting to {peer} at {addr}"),
+            }),
+        }
+    }
+
+    async fn wait_for_link(
+        &self,
+        peer: &NodeName,
+        events: &mut broadcast::Receiver<NodeEvent>,
+    ) -> Result<(), Error> {
+        let wait = async {
+            loop {
+                if lock(&self.inner.links).up.contains_key(peer) {
+                    return Ok(());
+                }
+                if !lock(&self.inner.links).dialling.contains(peer) {
+                    // Nobody is dialling any more; one more look after a short pause catches a
+                    // link registered by the other side's dial.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+                    Ok(Ok(NodeEvent::NodeUp { node, .. })) if &node == peer => return Ok(()),
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return Err(Error::Shutdown),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(self.inner.config.handshake_timeout, wait)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("waiting for the link to {peer}"),
+            })?
+    }
+
+    /// Sends `payload` to the process registered as `name` on node `node` (this node or a
+    /// peer). Per-pair order holds: messages from one sender to one destination arrive in the
+    /// order sent.
+    ///
+    /// Returns once the message is handed to the link (like Erlang's `!`, not a delivery
+    /// receipt); it waits while the link's queue is full, which is the backpressure. A remote
+    /// name that is not registered is counted as a dead letter on the receiving node.
+    ///
+    /// Errors (with the payload handed back): [`Error::NotConnected`],
+    /// [`Error::NameNotRegistered`] (local names), [`Error::MessageTooLarge`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if the future is dropped before it returns, the message was not sent.
+    pub async fn send(&self, node: &str, name: &str, payload: Bytes) -> Result<(), SendError> {
+        self.send_from(None, node, name, payload).await
+    }
+
+    /// Sends `payload` to `pid`, local or remote. See [`Node::send`].
+    pub async fn send_to(&self, pid: &Pid, payload: Bytes) -> Result<(), SendError> {
+        self.send_to_from(None, pid, payload).await
+    }
+
+    pub(crate) async fn send_from(
+        &self,
+        from: Option<&Pid>,
+        node: &str,
+        name: &str,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        if node == self.inner.name.as_str() {
+            let Some(pid) = self.whereis(name) else {
+                self.inner
+                    .stats
+                    .dead_letters
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(SendError::new(
+                    Error::NameNotRegistered {
+                        name: name.to_string(),
+                    },
+                    payload,
+                ));
+            };
+            return self.send_local(from, &pid, payload).await;
+        }
+        let node = match NodeName::new(node) {
+            Ok(n) => n,
+            Err(e) => return Err(SendError::new(e.into(), payload)),
+        };
+        self.send_remote(from, &node, Dest::Name(name.to_string()), payload)
+            .await
+    }
+
+    pub(crate) async fn send_to_from(
+        &self,
+        from: Option<&Pid>,
+        pid: &Pid,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        if pid.node == self.inner.name {
+            return self.send_local(from, pid, payload).await;
+        }
+        let to = Dest::Pid {
+            id: pid.id,
+            creation: pid.creation,
+        };
+        self.send_remote(from, &pid.node, to, payload).await
+    }
+
+    async fn send_local(
+        &self,
+        from: Option<&Pid>,
+        pid: &Pid,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        let mailbox = (pid.creation == self.inner.creation)
+            .then(|| {
+                read(&self.inner.processes)
+                    .get(&pid.id)
+                    .map(|s| s.mailbox.clone())
+            })
+            .flatten();
+        let no_process = || Error::NoProcess { pid: pid.clone() };
+        let Some(mailbox) = mailbox else {
+            self.inner
+                .stats
+                .dead_letters
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SendError::new(no_process(), payload));
+        };
+        match mailbox.send_local(from.cloned(), payload).await {
+            Ok(()) => {
+                self.inner
+                    .stats
+                    .local_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(payload) => {
+                self.inner
+                    .stats
+                    .dead_letters
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(SendError::new(no_process(), payload))
+            }
+        }
+    }
+
+    async fn send_remote(
+        &self,
+        from: Option<&Pid>,
+        node: &NodeName,
+        to: Dest,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        let link = lock(&self.inner.links).up.get(node).cloned();
+        let Some(link) = link else {
+            return Err(SendError::new(
+                Error::NotConnected { node: node.clone() },
+                payload,
+            ));
+        };
+        let max = link
+            .peer_max_message
+            .min(self.inner.config.limits.max_message_size);
+        if payload.len() > max {
+            self.inner
+                .stats
+                .refused_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            let size = payload.len();
+            return Err(SendError::new(
+                Error::MessageTooLarge { size, max },
+                payload,
+            ));
+        }
+        link.enqueue(from.map(|p| p.id), to, payload).await
+    }
+
+    /// The peers with a link up.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let links = lock(&self.inner.links);
+        let mut peers: Vec<PeerInfo> = links.up.values().map(|l| l.info()).collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        peers
+    }
+
+    /// Subscribes to node up/down events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// A snapshot of the node's counters.
+    pub fn stats(&self) -> NodeStats {
+        let processes = read(&self.inner.processes).len();
+        self.inner.stats.snapshot(processes)
+    }
+
+    /// Closes `peer`'s link with a goodbye; no error if there is none.
+    pub async fn disconnect(&self, peer: &str) {
+        let link = NodeName::new(peer)
+            .ok()
+            .and_then(|p| lock(&self.inner.links).up.get(&p).cloned());
+        if let Some(link) = link {
+            link.goodbye("disconnected").await;
+        }
+    }
+
+    /// Says goodbye to every peer, closes the endpoint, and stops every process.
+    pub async fn shutdown(&self) {
+        let links: Vec<Arc<LinkHandle>> = {
+            let mut links = lock(&self.inner.links);
+            links.shut_down = true;
+            links.up.values().cloned().collect()
+        };
+        for link in links {
+            link.goodbye("node shutting down").await;
+        }
+        self.inner.dialer.close();
+        let tasks: Vec<JoinHandle<()>> = write(&self.inner.processes)
+            .drain()
+            .filter_map(|(_, s)| s.task)
+            .collect();
+        for t in tasks {
+            t.abort();
+        }
+        write(&self.inner.names).clear();
+        tracing::info!(node = %self.inner.name, "node shut down");
+    }
+}
+
+/// Removes a process and its names when its task ends (normally, by panic, or by abort).
+struct ExitGuard {
+    node: std::sync::Weak<NodeInner>,
+    id: u64,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.upgrade() {
+            write(&node.processes).remove(&self.id);
+            write(&node.names).retain(|_, id| *id != self.id);
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The node's counters: every rejection, refusal and loss is counted, never silent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        #[derive(Default, Debug)]
+        pub(crate) struct Stats {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A snapshot of a node's counters, from [`Node::stats`](crate::Node::stats).
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct NodeStats {
+            /// Live local processes.
+            pub processes: usize,
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self, processes: usize) -> NodeStats {
+                NodeStats {
+                    processes,
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages handed to links for remote processes.
+    messages_sent,
+    /// Messages received from peers and delivered to a local mailbox.
+    messages_received,
+    /// Messages delivered between processes of this node.
+    local_messages,
+    /// Messages for a name or pid that does not exist here (dropped and counted).
+    dead_letters,
+    /// Messages this node refused to send because they were over the size limit.
+    refused_too_large,
+    /// Incoming messages over this node's size limit: their streams were stopped unread.
+    oversized_messages,
+    /// Incoming message streams with a malformed header or a wrong length.
+    malformed_messages,
+    /// Incoming messages lost in transit (stream reset, link down with gaps).
+    lost_messages,
+    /// Messages that failed to be written to a peer (the link failed under them).
+    send_failures,
+    /// Control frames that could not be decoded or were over the size limit (each closed its link).
+    malformed_frames,
+    /// Incoming connections refused during the TLS handshake (untrusted or revoked certificate).
+    rejected_handshakes,
+    /// Hellos refused (name not bound to the certificate, protocol version, duplicate link, ...).
+    rejected_hellos,
+    /// Links that came up.
+    links_up,
+    /// Links that went down.
+    links_down,
+}

@@ -1,0 +1,42 @@
+//! The conformance matrix: every behaviour case in `cases/` runs once per transport backend, so a
+//! test's name says which backend it ran on (`quinn::send_by_name`). `cargo test quinn::` runs
+//! one backend.
+
+mod cases;
+
+/// Instantiates every case for one backend.
+macro_rules! matrix {
+    ($backend:ident => $transport:ty) => {
+        mod $backend {
+            macro_rules! case {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        crate::cases::$name::<$transport>().await
+                    }
+                };
+            }
+            case!(send_by_name);
+            case!(send_to_pid_and_reply);
+            case!(per_pair_order_survives_10k_messages);
+            case!(untrusted_ca_is_rejected);
+            case!(revoked_certificate_is_rejected);
+            case!(impostor_name_is_rejected);
+            case!(wrong_node_at_address_is_rejected);
+            case!(unknown_protocol_version_is_rejected);
+            case!(malformed_control_frame_closes_only_that_link);
+            case!(oversized_control_frame_closes_only_that_link);
+            case!(message_over_max_size_is_refused_by_sender);
+            case!(oversized_stream_is_stopped_by_receiver);
+            case!(send_errors_are_typed);
+            case!(remote_unknown_name_is_a_counted_dead_letter);
+            case!(peer_shutdown_raises_node_down_and_sends_fail);
+            case!(goodbye_delivers_every_message_in_flight);
+            case!(simultaneous_dials_keep_one_link);
+            case!(shared_identity_cluster_works);
+            case!(large_and_small_messages_flow_together);
+        }
+    };
+}
+
+matrix!(quinn => rusm_transport_quinn::QuinnTransport);
