@@ -498,7 +498,7 @@ impl Node {
             return Err(Error::Config("a node cannot connect to itself".into()));
         }
         let mut events = self.inner.events.subscribe();
-        {
+        let someone_else_dials = {
             let mut links = lock(&self.inner.links);
             if links.shut_down {
                 return Err(Error::Shutdown);
@@ -506,11 +506,11 @@ impl Node {
             if links.up.contains_key(&peer) {
                 return Ok(());
             }
-            if !links.dialling.insert(peer.clone()) {
-                // Someone else on this node is dialling it: wait for their result.
-                drop(links);
-                return self.wait_for_link(&peer, &mut events).await;
-            }
+            !links.dialling.insert(peer.clone())
+        };
+        if someone_else_dials {
+            // Another task of this node is dialling it: wait for that link.
+            return self.wait_for_link(&peer, &mut events).await;
         }
         let res = tokio::time::timeout(
             self.inner.config.handshake_timeout,

@@ -185,7 +185,7 @@ pub async fn read_message<R: RecvStream>(
         });
     }
     let want = header.len as usize;
-    let _ = bytes::Buf::advance(&mut buf, 2 + header_len);
+    bytes::Buf::advance(&mut buf, 2 + header_len);
     let too_long = |stream: &mut R, header: EnvelopeHeader, have: usize| {
         stream.stop(stream_code::MALFORMED);
         ReadError::Malformed {

@@ -1,0 +1,165 @@
+//! `rusm demo`: three nodes, one process, plain words. Every step checks what it claims and the
+//! demo fails (exit 1) on the first step that does not hold.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use rusm_cluster::{ClusterCa, DownReason, Error, Node, NodeEvent};
+
+fn step(n: u32, text: &str) {
+    println!("\n{n}. {text}");
+}
+
+fn ok(text: impl AsRef<str>) {
+    println!("   ok: {}", text.as_ref());
+}
+
+async fn start(ca: &ClusterCa, name: &str) -> Result<Node> {
+    let node = Node::builder(name)
+        .identity(ca.issue(name)?)
+        .trust(ca.trust())
+        .listen("127.0.0.1:0".parse()?)
+        .start()
+        .await
+        .with_context(|| format!("starting {name}"))?;
+    ok(format!(
+        "{name} listens on {} (creation {})",
+        node.local_addr(),
+        node.creation()
+    ));
+    Ok(node)
+}
+
+/// Runs the demo.
+pub(crate) async fn run() -> Result<()> {
+    println!("RUSM cluster demo: three nodes on 127.0.0.1, one process.");
+
+    step(1, "A cluster CA issues each node its own certificate (its name is the certificate's DNS name).");
+    let ca = ClusterCa::generate("demo")?;
+    let london = start(&ca, "london").await?;
+    let paris = start(&ca, "paris").await?;
+    let berlin = start(&ca, "berlin").await?;
+
+    step(2, "paris and berlin connect to london: mutual TLS 1.3, then a hello on the control stream.");
+    paris.connect("london", london.local_addr()).await?;
+    berlin.connect("london", london.local_addr()).await?;
+    wait_for(|| london.peers().len() == 2).await?;
+    let names: Vec<String> = london.peers().iter().map(|p| p.name.to_string()).collect();
+    ensure!(names == ["berlin", "paris"], "london sees {names:?}");
+    ok(format!("london is linked to {names:?}; each side verified the other's certificate"));
+
+    step(3, "london spawns a greeter process and registers it as \"greeter\"; paris sends to it by name.");
+    let greeter = london.spawn(|mut ctx| async move {
+        while let Some(msg) = ctx.recv().await {
+            let Some(from) = msg.from().cloned() else { continue };
+            let reply = format!(
+                "hello {}, greeter {} got {:?}",
+                from.node(),
+                ctx.pid(),
+                String::from_utf8_lossy(msg.payload())
+            );
+            let _ = ctx.send_to(&from, Bytes::from(reply)).await;
+        }
+    });
+    london.register("greeter", &greeter)?;
+    ok(format!("greeter is {greeter}"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    paris.spawn(|mut ctx| async move {
+        let sent = ctx
+            .send("london", "greeter", Bytes::from_static(b"bonjour"))
+            .await;
+        let reply = match sent {
+            Ok(()) => ctx.recv().await.map(|m| m.into_payload()),
+            Err(_) => None,
+        };
+        let _ = tx.send(reply);
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .context("no reply from the greeter within 5 s")??
+        .context("the greeter's reply did not arrive")?;
+    let reply = String::from_utf8_lossy(&reply).to_string();
+    ensure!(reply.starts_with("hello paris"), "unexpected reply {reply:?}");
+    ok(format!("paris got the reply: {reply:?}"));
+
+    step(4, "berlin sends 1,000 numbered messages to one process on paris (each on its own QUIC stream).");
+    berlin.connect("paris", paris.local_addr()).await?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let counter = paris.spawn(|mut ctx| async move {
+        let mut expected = 0u32;
+        while expected < 1000 {
+            let Some(msg) = ctx.recv().await else { break };
+            let n = u32::from_be_bytes(msg.payload()[..4].try_into().unwrap_or([0xff; 4]));
+            if n != expected {
+                break;
+            }
+            expected += 1;
+        }
+        let _ = done_tx.send(expected);
+    });
+    for i in 0..1000u32 {
+        berlin
+            .send_to(&counter, Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await?;
+    }
+    let in_order = tokio::time::timeout(Duration::from_secs(10), done_rx)
+        .await
+        .context("the counter did not finish within 10 s")??;
+    ensure!(in_order == 1000, "only {in_order} messages arrived in order");
+    ok("all 1,000 arrived, in the order sent");
+
+    step(5, "An impostor holding a certificate from another CA tries to join as \"paris\".");
+    let rogue_ca = ClusterCa::generate("rogue")?;
+    let impostor = Node::builder("paris")
+        .identity(rogue_ca.issue("paris")?)
+        .trust(ca.trust())
+        .start()
+        .await?;
+    match impostor.connect("london", london.local_addr()).await {
+        Err(Error::Rejected { reason, .. }) => ok(format!("rejected: {reason}")),
+        Ok(()) => bail!("the impostor was let in"),
+        Err(other) => bail!("the impostor failed for another reason: {other}"),
+    }
+    wait_for(|| london.stats().rejected_handshakes == 1).await?;
+    ensure!(london.peers().len() == 2, "london's links changed");
+    ok("london counted one refused handshake and kept its two real links");
+
+    step(6, "berlin shuts down; london is told at once.");
+    let mut events = london.subscribe();
+    berlin.shutdown().await;
+    let down = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(NodeEvent::NodeDown { node, reason }) = events.recv().await {
+                return (node, reason);
+            }
+        }
+    })
+    .await
+    .context("no node-down event within 5 s")?;
+    ensure!(down.0.as_str() == "berlin", "down event for {}", down.0);
+    ensure!(matches!(down.1, DownReason::Goodbye(_)), "reason {}", down.1);
+    ok(format!("node down: berlin ({})", down.1));
+    match london.send("berlin", "x", Bytes::from_static(b"?")).await {
+        Err(e) if matches!(e.error, Error::NotConnected { .. }) => {
+            ok(format!("a later send fails cleanly: {e}"))
+        }
+        other => bail!("send to a down node: {other:?}"),
+    }
+
+    impostor.shutdown().await;
+    paris.shutdown().await;
+    london.shutdown().await;
+    println!("\nAll steps did what they said.");
+    Ok(())
+}
+
+async fn wait_for(mut cond: impl FnMut() -> bool) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .context("condition not reached within 5 s")
+}
