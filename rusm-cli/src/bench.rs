@@ -70,7 +70,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         .context("not every message arrived within 120 s")?;
     let elapsed = start.elapsed();
     let got = received.load(Ordering::Relaxed);
-    ensure!(got == args.messages, "sent {} but received {got}", args.messages);
+    ensure!(
+        got == args.messages,
+        "sent {} but received {got}",
+        args.messages
+    );
     let rate = args.messages as f64 / elapsed.as_secs_f64();
 
     // Round trip: ping-pong between a process on each node.
@@ -98,7 +102,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let mut samples = tokio::time::timeout(Duration::from_secs(120), rx)
         .await
         .context("round trips did not finish within 120 s")??;
-    ensure!(samples.len() == n, "only {} of {n} round trips completed", samples.len());
+    ensure!(
+        samples.len() == n,
+        "only {} of {n} round trips completed",
+        samples.len()
+    );
     samples.sort();
     let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
 

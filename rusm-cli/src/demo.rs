@@ -41,18 +41,25 @@ pub(crate) async fn run() -> Result<()> {
     let paris = start(&ca, "paris").await?;
     let berlin = start(&ca, "berlin").await?;
 
-    step(2, "paris and berlin connect to london: mutual TLS 1.3, then a hello on the control stream.");
+    step(
+        2,
+        "paris and berlin connect to london: mutual TLS 1.3, then a hello on the control stream.",
+    );
     paris.connect("london", london.local_addr()).await?;
     berlin.connect("london", london.local_addr()).await?;
     wait_for(|| london.peers().len() == 2).await?;
     let names: Vec<String> = london.peers().iter().map(|p| p.name.to_string()).collect();
     ensure!(names == ["berlin", "paris"], "london sees {names:?}");
-    ok(format!("london is linked to {names:?}; each side verified the other's certificate"));
+    ok(format!(
+        "london is linked to {names:?}; each side verified the other's certificate"
+    ));
 
     step(3, "london spawns a greeter process and registers it as \"greeter\"; paris sends to it by name.");
     let greeter = london.spawn(|mut ctx| async move {
         while let Some(msg) = ctx.recv().await {
-            let Some(from) = msg.from().cloned() else { continue };
+            let Some(from) = msg.from().cloned() else {
+                continue;
+            };
             let reply = format!(
                 "hello {}, greeter {} got {:?}",
                 from.node(),
@@ -80,7 +87,10 @@ pub(crate) async fn run() -> Result<()> {
         .context("no reply from the greeter within 5 s")??
         .context("the greeter's reply did not arrive")?;
     let reply = String::from_utf8_lossy(&reply).to_string();
-    ensure!(reply.starts_with("hello paris"), "unexpected reply {reply:?}");
+    ensure!(
+        reply.starts_with("hello paris"),
+        "unexpected reply {reply:?}"
+    );
     ok(format!("paris got the reply: {reply:?}"));
 
     step(4, "berlin sends 1,000 numbered messages to one process on paris (each on its own QUIC stream).");
@@ -106,10 +116,16 @@ pub(crate) async fn run() -> Result<()> {
     let in_order = tokio::time::timeout(Duration::from_secs(10), done_rx)
         .await
         .context("the counter did not finish within 10 s")??;
-    ensure!(in_order == 1000, "only {in_order} messages arrived in order");
+    ensure!(
+        in_order == 1000,
+        "only {in_order} messages arrived in order"
+    );
     ok("all 1,000 arrived, in the order sent");
 
-    step(5, "An impostor holding a certificate from another CA tries to join as \"paris\".");
+    step(
+        5,
+        "An impostor holding a certificate from another CA tries to join as \"paris\".",
+    );
     let rogue_ca = ClusterCa::generate("rogue")?;
     let impostor = Node::builder("paris")
         .identity(rogue_ca.issue("paris")?)
@@ -138,7 +154,11 @@ pub(crate) async fn run() -> Result<()> {
     .await
     .context("no node-down event within 5 s")?;
     ensure!(down.0.as_str() == "berlin", "down event for {}", down.0);
-    ensure!(matches!(down.1, DownReason::Goodbye(_)), "reason {}", down.1);
+    ensure!(
+        matches!(down.1, DownReason::Goodbye(_)),
+        "reason {}",
+        down.1
+    );
     ok(format!("node down: berlin ({})", down.1));
     match london.send("berlin", "x", Bytes::from_static(b"?")).await {
         Err(e) if matches!(e.error, Error::NotConnected { .. }) => {

@@ -12,7 +12,11 @@ mod demo;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rusm", version, about = "RUSM cluster: distributed Erlang for Rust over QUIC")]
+#[command(
+    name = "rusm",
+    version,
+    about = "RUSM cluster: distributed Erlang for Rust over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
