@@ -35,6 +35,7 @@ macro_rules! matrix {
             case!(simultaneous_dials_keep_one_link);
             case!(shared_identity_cluster_works);
             case!(large_and_small_messages_flow_together);
+            case!(silent_peer_is_declared_down);
         }
     };
 }

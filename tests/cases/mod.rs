@@ -3,10 +3,12 @@
 
 #![allow(unreachable_pub)]
 
+mod faults;
 mod hostile;
 mod messaging;
 mod security;
 
+pub use faults::*;
 pub use hostile::*;
 pub use messaging::*;
 pub use security::*;

@@ -1,0 +1,98 @@
+//! Network faults: a peer that goes silent without closing is declared down by keep-alives.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusm_cluster::core::transport::Transport;
+use rusm_cluster::{ClusterCa, DownReason, Error, NodeBuilder, NodeConfig, NodeEvent};
+use tokio::net::UdpSocket;
+
+use super::*;
+
+/// A UDP relay between one client and `server`, whose cable can be cut.
+async fn relay(server: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = cut.clone();
+    tokio::spawn(async move {
+        let mut client: Option<SocketAddr> = None;
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if cut2.load(Ordering::Relaxed) {
+                continue;
+            }
+            let to = if from == server {
+                match client {
+                    Some(c) => c,
+                    None => continue,
+                }
+            } else {
+                client = Some(from);
+                server
+            };
+            let _ = sock.send_to(&buf[..n], to).await;
+        }
+    });
+    (addr, cut)
+}
+
+fn quick_liveness() -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.tuning.idle_timeout = Duration::from_millis(1500);
+    c.tuning.keep_alive_interval = Duration::from_millis(300);
+    c
+}
+
+pub async fn silent_peer_is_declared_down<T: Transport>() {
+    let ca = ClusterCa::generate("faults").unwrap();
+    let start = |name: &'static str| {
+        NodeBuilder::<T>::new(name)
+            .identity(ca.issue(name).unwrap())
+            .trust(ca.trust())
+            .config(quick_liveness())
+            .start()
+    };
+    let london = start("london").await.unwrap();
+    let paris = start("paris").await.unwrap();
+    let (via, cut) = relay(london.local_addr()).await;
+    paris.connect("london", via).await.unwrap();
+    let (p, mut inbox) = collector(&london);
+    london.register("inbox", &p).unwrap();
+    paris
+        .send("london", "inbox", Bytes::from_static(b"before"))
+        .await
+        .unwrap();
+    recv(&mut inbox).await;
+    // Idle for longer than the idle timeout: keep-alives hold the link up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(london.peers().len(), 1, "keep-alives keep an idle link up");
+
+    let mut events = london.subscribe();
+    let cut_at = Instant::now();
+    cut.store(true, Ordering::Relaxed);
+    match next_down(&mut events).await {
+        NodeEvent::NodeDown { node, reason } => {
+            assert_eq!(node.as_str(), "paris");
+            assert_eq!(reason, DownReason::TimedOut);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(8),
+        "declared down after {:?}",
+        cut_at.elapsed()
+    );
+    wait_until(|| paris.peers().is_empty()).await;
+    assert!(matches!(
+        paris
+            .send("london", "inbox", Bytes::from_static(b"after"))
+            .await
+            .unwrap_err()
+            .error,
+        Error::NotConnected { .. }
+    ));
+}
