@@ -36,6 +36,7 @@ macro_rules! matrix {
             case!(shared_identity_cluster_works);
             case!(large_and_small_messages_flow_together);
             case!(silent_peer_is_declared_down);
+            case!(half_sent_large_message_does_not_block_small_ones);
         }
     };
 }

@@ -1,4 +1,4 @@
-//! [`QuinnTransport`]: the RUSM cluster [`Transport`] over quinn 0.11.
+//! [`QuinnTransport`]: the RUSM cluster [`Transport`](rusm_cluster_core::transport::Transport) over quinn 0.11.
 //!
 //! One UDP socket both dials and accepts. TLS comes from the core's one policy
 //! ([`rusm_cluster_core::tls`]); this crate only adapts quinn's types and errors, and applies the

@@ -76,7 +76,7 @@ impl<T: Transport> RawPeer<T> {
     }
 }
 
-async fn linked_raw<T: Transport>(ca: &ClusterCa, london: &Node) -> RawPeer<T> {
+pub async fn linked_raw<T: Transport>(ca: &ClusterCa, london: &Node) -> RawPeer<T> {
     let mut raw = RawPeer::<T>::dial(ca, "mallory", london).await;
     let answer = raw.hello("mallory", PROTOCOL_VERSION).await;
     assert!(matches!(answer, Some(Frame::Welcome(_))), "{answer:?}");

@@ -7,11 +7,13 @@ mod faults;
 mod hostile;
 mod messaging;
 mod security;
+mod streams;
 
 pub use faults::*;
 pub use hostile::*;
 pub use messaging::*;
 pub use security::*;
+pub use streams::*;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,61 @@
+//! The wire shape: one stream per message, read concurrently, so nothing waits on an unrelated
+//! message.
+
+use bytes::Bytes;
+use rusm_cluster::core::transport::{Connection, SendStream, Transport};
+use rusm_cluster::core::wire::{encode_header, Dest, EnvelopeHeader};
+
+use super::*;
+
+/// A 4 MiB message whose stream is left half-written does not delay 1,000 small messages sent
+/// after it: no head-of-line blocking. (No timing involved: the big message cannot complete
+/// until the small ones have all been delivered.)
+pub async fn half_sent_large_message_does_not_block_small_ones<T: Transport>() {
+    let (ca, london, _paris) = pair::<T>().await;
+    let (big_sink, mut big_inbox) = collector(&london);
+    let (small_sink, mut small_inbox) = collector(&london);
+    london.register("big", &big_sink).unwrap();
+    london.register("small", &small_sink).unwrap();
+    let raw = linked_raw::<T>(&ca, &london).await;
+
+    let big_len = 4 << 20;
+    let mut big = raw.conn.open_uni().await.unwrap();
+    let header = encode_header(&EnvelopeHeader {
+        to: Dest::Name("big".into()),
+        from: None,
+        seq: 1,
+        len: big_len as u64,
+    });
+    big.write(header).await.unwrap();
+    big.write(Bytes::from(vec![9u8; big_len / 2]))
+        .await
+        .unwrap();
+
+    for i in 0..1000u64 {
+        let mut s = raw.conn.open_uni().await.unwrap();
+        let payload = Bytes::copy_from_slice(&i.to_be_bytes());
+        let header = encode_header(&EnvelopeHeader {
+            to: Dest::Name("small".into()),
+            from: Some(7),
+            seq: i + 1,
+            len: 8,
+        });
+        s.write_all_chunks(&mut [header, payload]).await.unwrap();
+        s.finish().unwrap();
+    }
+    for i in 0..1000u64 {
+        assert_eq!(recv(&mut small_inbox).await.payload()[..], i.to_be_bytes());
+    }
+    assert!(
+        big_inbox.try_recv().is_err(),
+        "the big message is still in flight"
+    );
+
+    big.write(Bytes::from(vec![9u8; big_len / 2]))
+        .await
+        .unwrap();
+    big.finish().unwrap();
+    let got = recv(&mut big_inbox).await;
+    assert_eq!(got.payload().len(), big_len);
+    assert!(got.payload().iter().all(|&b| b == 9));
+}
