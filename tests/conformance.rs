@@ -42,3 +42,20 @@ macro_rules! matrix {
 }
 
 matrix!(quinn => rusm_transport_quinn::QuinnTransport);
+matrix!(s2n => rusm_transport_s2n::S2nTransport);
+
+/// Nodes on different backends in one cluster, in both dialling directions.
+mod mixed {
+    use rusm_transport_quinn::QuinnTransport;
+    use rusm_transport_s2n::S2nTransport;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quinn_dials_s2n() {
+        crate::cases::mixed_cluster::<QuinnTransport, S2nTransport>().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn s2n_dials_quinn() {
+        crate::cases::mixed_cluster::<S2nTransport, QuinnTransport>().await
+    }
+}

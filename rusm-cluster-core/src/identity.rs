@@ -177,7 +177,7 @@ impl Serial {
     /// Parses a serial printed by `Display` (hex, `:` separators allowed).
     pub fn from_hex(s: &str) -> Result<Self, IdentityError> {
         let digits: String = s.chars().filter(|c| *c != ':').collect();
-        if digits.is_empty() || digits.len() % 2 != 0 {
+        if digits.is_empty() || !digits.len().is_multiple_of(2) {
             return Err(parse_err("serial", "expected an even number of hex digits"));
         }
         let bytes = (0..digits.len())

@@ -56,7 +56,7 @@ mod process;
 mod stats;
 
 pub use error::{Error, SendError};
-#[cfg(feature = "quinn")]
+#[cfg(any(feature = "quinn", feature = "s2n"))]
 pub use node::DefaultTransport;
 pub use node::{DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
 pub use pid::Pid;
@@ -70,6 +70,9 @@ pub use stats::NodeStats;
 
 /// The protocol core (transport traits, wire format, TLS policy), for backends and tools.
 pub use rusm_cluster_core as core;
-/// The quinn backend.
+/// The quinn backend (feature `quinn`, on by default).
 #[cfg(feature = "quinn")]
 pub use rusm_transport_quinn as quinn_transport;
+/// The s2n-quic backend (feature `s2n`).
+#[cfg(feature = "s2n")]
+pub use rusm_transport_s2n as s2n_transport;

@@ -681,7 +681,8 @@ async fn read_loop<C: Connection>(
                     accepted += 1;
                     inflight.push(read_one(stream, limits));
                 }
-                Ok(None) => return DownReason::ConnectionLost("connection closed".into()),
+                // Closed gracefully: the close itself says why.
+                Ok(None) => return down_from(conn.closed().await),
                 Err(e) => return down_from(e),
             },
             changed = goodbye.changed(), if goodbye_open => {

@@ -25,9 +25,14 @@ use crate::pid::Pid;
 use crate::process::{Mailbox, Process};
 use crate::stats::{NodeStats, Stats};
 
-/// The backend `Node::builder` uses, chosen by cargo feature (`quinn` by default).
+/// The backend `Node::builder` uses, chosen by cargo feature: quinn when the `quinn` feature
+/// is on (the default), else s2n-quic with the `s2n` feature.
 #[cfg(feature = "quinn")]
 pub type DefaultTransport = rusm_transport_quinn::QuinnTransport;
+/// The backend `Node::builder` uses, chosen by cargo feature: quinn when the `quinn` feature
+/// is on (the default), else s2n-quic with the `s2n` feature.
+#[cfg(all(feature = "s2n", not(feature = "quinn")))]
+pub type DefaultTransport = rusm_transport_s2n::S2nTransport;
 
 /// Settings of a node. The defaults suit a LAN cluster.
 #[derive(Clone, Debug)]
@@ -242,9 +247,10 @@ impl<T> fmt::Debug for NodeBuilder<T> {
     }
 }
 
-#[cfg(feature = "quinn")]
+#[cfg(any(feature = "quinn", feature = "s2n"))]
 impl Node {
-    /// Starts building a node called `name` on the default backend (quinn).
+    /// Starts building a node called `name` on the default backend ([`DefaultTransport`]);
+    /// `.transport::<T>()` picks another.
     pub fn builder(name: impl Into<String>) -> NodeBuilder<DefaultTransport> {
         NodeBuilder::new(name)
     }

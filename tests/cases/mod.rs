@@ -6,12 +6,14 @@
 mod faults;
 mod hostile;
 mod messaging;
+mod mixed;
 mod security;
 mod streams;
 
 pub use faults::*;
 pub use hostile::*;
 pub use messaging::*;
+pub use mixed::*;
 pub use security::*;
 pub use streams::*;
 

@@ -1,0 +1,62 @@
+//! Mixed clusters: nodes on different backends are one cluster (same QUIC v1, TLS 1.3 policy and
+//! ALPN), in both dialling directions.
+
+use bytes::Bytes;
+use rusm_cluster::core::transport::Transport;
+use rusm_cluster::{ClusterCa, NodeBuilder};
+
+use super::*;
+
+/// A node on backend `A` dials a node on backend `B`; both send by name and by pid, in order.
+pub async fn mixed_cluster<A: Transport, B: Transport>() {
+    let ca = ClusterCa::generate("mixed").unwrap();
+    let a = NodeBuilder::<A>::new("alpha")
+        .identity(ca.issue("alpha").unwrap())
+        .trust(ca.trust())
+        .start()
+        .await
+        .unwrap();
+    let b = NodeBuilder::<B>::new("beta")
+        .identity(ca.issue("beta").unwrap())
+        .trust(ca.trust())
+        .start()
+        .await
+        .unwrap();
+    a.connect("beta", b.local_addr()).await.unwrap();
+    wait_until(|| b.peers().len() == 1).await;
+
+    let (pa, mut ia) = collector(&a);
+    let (pb, mut ib) = collector(&b);
+    a.register("in", &pa).unwrap();
+    b.register("in", &pb).unwrap();
+    for i in 0..500u32 {
+        a.send("beta", "in", Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+        b.send_to(&pa, Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    for i in 0..500u32 {
+        assert_eq!(recv(&mut ib).await.payload()[..], i.to_be_bytes());
+        assert_eq!(recv(&mut ia).await.payload()[..], i.to_be_bytes());
+    }
+    // A big one crosses too.
+    let big = Bytes::from(vec![5u8; 3 << 20]);
+    a.send("beta", "in", big.clone()).await.unwrap();
+    assert_eq!(recv(&mut ib).await.into_payload(), big);
+
+    // And an impostor on the other backend is refused all the same.
+    let rogue = ClusterCa::generate("mixed").unwrap();
+    let c = NodeBuilder::<B>::new("gamma")
+        .identity(rogue.issue("gamma").unwrap())
+        .trust(ca.trust())
+        .start()
+        .await
+        .unwrap();
+    assert!(c.connect("alpha", a.local_addr()).await.is_err());
+    assert_eq!(a.peers().len(), 1);
+    c.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
