@@ -1,83 +1,278 @@
 //! `rusm bench`: cross-node throughput and round trip between two nodes on loopback, in this
-//! process. Every sent message is counted at the receiver; a run that loses one fails.
+//! process, next to a raw baseline measured in the same run: the bare QUIC stack (through the same
+//! backend, TLS policy, stream limits and runtime) doing one uni-stream per message. Our figure is
+//! printed as a ratio of it. Every sent message is counted at the receiver; a run that loses one
+//! fails.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
-use rusm_cluster::{ClusterCa, Node};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rusm_cluster::core::transport::{
+    Connection, EndpointConfig, RecvStream, SendStream, Transport, TransportTuning,
+};
+use rusm_cluster::quinn_transport::QuinnTransport;
+use rusm_cluster::s2n_transport::S2nTransport;
+use rusm_cluster::{ClusterCa, Node, NodeBuilder};
+use serde::Serialize;
+
+/// Which backend(s) to measure.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackendChoice {
+    /// quinn only.
+    Quinn,
+    /// s2n-quic only.
+    S2n,
+    /// Both, one after the other, in this process.
+    Both,
+}
+
+/// The tokio runtime the nodes run on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RuntimeMode {
+    /// Both nodes on one thread: round trips without cross-core wake-ups.
+    CurrentThread,
+    /// A multi-thread runtime with one worker per core.
+    MultiThread,
+}
 
 /// Options of `rusm bench`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Messages to send in the throughput run.
-    #[arg(long, default_value_t = 200_000)]
-    messages: u64,
+    /// Backend(s) to measure.
+    #[arg(long, value_enum, default_value = "both")]
+    backend: BackendChoice,
+    /// Receiving processes on the other node (messages go round-robin).
+    #[arg(long, short = 'k', default_value_t = 1)]
+    receivers: usize,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Receiving processes on the other node (messages go round-robin).
-    #[arg(long, default_value_t = 1)]
-    receivers: usize,
-    /// Ping-pong round trips to time.
+    /// Seconds of sending in each throughput run.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Send exactly this many messages instead of sending for `--duration`.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Ping-pong round trips to time in each run.
     #[arg(long, default_value_t = 5_000)]
     round_trips: usize,
+    /// Runs per backend; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Runtime mode.
+    #[arg(long, value_enum, default_value = "multi-thread")]
+    pub(crate) runtime: RuntimeMode,
+    /// Print one JSON array (an object per backend) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
-async fn start(ca: &ClusterCa, name: &str) -> Result<Node> {
-    Ok(Node::builder(name)
-        .identity(ca.issue(name)?)
-        .trust(ca.trust())
-        .start()
-        .await?)
+/// One backend's medians.
+#[derive(Serialize, Debug)]
+struct Row {
+    backend: &'static str,
+    runtime: RuntimeMode,
+    size: usize,
+    receivers: usize,
+    runs: usize,
+    sent: u64,
+    received: u64,
+    msgs_per_sec: f64,
+    raw_msgs_per_sec: f64,
+    throughput_ratio: f64,
+    p50_us: f64,
+    p99_us: f64,
+    raw_p50_us: f64,
+    raw_p99_us: f64,
+    p50_ratio: f64,
+    udp_rcvbuf_errors: u64,
+    peak_rss_mib: f64,
 }
 
-/// Runs the benchmark and prints a small table.
+/// Runs the benchmark and prints the table (or JSON).
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
-    let ca = ClusterCa::generate("bench")?;
-    let a = start(&ca, "sender").await?;
-    let b = start(&ca, "receiver").await?;
-    a.connect("receiver", b.local_addr()).await?;
+    ensure!(args.repeat >= 1, "--repeat must be at least 1");
+    ensure!(args.receivers >= 1, "--receivers must be at least 1");
+    let mut rows = Vec::new();
+    if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
+        rows.push(bench_backend::<QuinnTransport>(&args).await?);
+    }
+    if matches!(args.backend, BackendChoice::S2n | BackendChoice::Both) {
+        rows.push(bench_backend::<S2nTransport>(&args).await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<7} {:>11} {:>11} {:>6}  {:>8} {:>8} {:>8} {:>6}  {:>8}",
+        "backend",
+        "msgs/s",
+        "raw msgs/s",
+        "ratio",
+        "p50 us",
+        "p99 us",
+        "raw p50",
+        "ratio",
+        "rcvbuf"
+    );
+    for r in &rows {
+        println!(
+            "{:<7} {:>11.0} {:>11.0} {:>6.2}  {:>8.1} {:>8.1} {:>8.1} {:>6.2}  {:>8}",
+            r.backend,
+            r.msgs_per_sec,
+            r.raw_msgs_per_sec,
+            r.throughput_ratio,
+            r.p50_us,
+            r.p99_us,
+            r.raw_p50_us,
+            r.p50_ratio,
+            r.udp_rcvbuf_errors,
+        );
+    }
+    println!(
+        "{} B payloads, {} receiver(s), {:?} runtime, medians of {} run(s); every message counted \
+         ({} sent, {} received in the last run); rcvbuf = UDP receive-buffer drops seen by the \
+         kernel during the runs; peak RSS {:.0} MiB",
+        args.size,
+        args.receivers,
+        args.runtime,
+        args.repeat,
+        rows.last().map_or(0, |r| r.sent),
+        rows.last().map_or(0, |r| r.received),
+        rows.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+    );
+    Ok(())
+}
 
-    // Throughput: one sender, K receivers.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+}
+
+async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
+    let ca = ClusterCa::generate("bench")?;
+    let drops_before = udp_rcvbuf_errors();
+    let (mut ours, mut raws, mut p50s, mut p99s, mut raw_p50s, mut raw_p99s) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut last = (0, 0);
+    for _ in 0..args.repeat {
+        let raw = raw_throughput::<T>(&ca, args).await?;
+        let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
+        let (raw50, raw99) = raw_rtt::<T>(&ca, args).await?;
+        let (p50, p99) = cluster_rtt::<T>(&ca, args).await?;
+        ours.push(rate);
+        raws.push(raw);
+        p50s.push(p50);
+        p99s.push(p99);
+        raw_p50s.push(raw50);
+        raw_p99s.push(raw99);
+        last = (sent, received);
+    }
+    let (msgs, raw, p50, raw_p50) = (median(ours), median(raws), median(p50s), median(raw_p50s));
+    Ok(Row {
+        backend: T::NAME,
+        runtime: args.runtime,
+        size: args.size,
+        receivers: args.receivers,
+        runs: args.repeat,
+        sent: last.0,
+        received: last.1,
+        msgs_per_sec: msgs,
+        raw_msgs_per_sec: raw,
+        throughput_ratio: msgs / raw,
+        p50_us: p50,
+        p99_us: median(p99s),
+        raw_p50_us: raw_p50,
+        raw_p99_us: median(raw_p99s),
+        p50_ratio: p50 / raw_p50,
+        udp_rcvbuf_errors: udp_rcvbuf_errors().saturating_sub(drops_before),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+async fn nodes<T: Transport>(ca: &ClusterCa) -> Result<(Node, Node)> {
+    let start = |name: &str| -> Result<_> {
+        Ok(NodeBuilder::<T>::new(name)
+            .identity(ca.issue(name)?)
+            .trust(ca.trust())
+            .start())
+    };
+    let a = start("sender")?.await?;
+    let b = start("receiver")?.await?;
+    a.connect("receiver", b.local_addr()).await?;
+    Ok((a, b))
+}
+
+/// Sends for `--duration` (or `--messages`), then waits until the receivers counted every one.
+/// Returns (sent, received, messages/s from the first send to the last receive).
+async fn cluster_throughput<T: Transport>(
+    ca: &ClusterCa,
+    args: &BenchArgs,
+) -> Result<(u64, u64, f64)> {
+    let (a, b) = nodes::<T>(ca).await?;
     let received = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let k = args.receivers.max(1);
-    let mut pids = Vec::with_capacity(k);
-    for _ in 0..k {
+    let mut pids = Vec::with_capacity(args.receivers);
+    for _ in 0..args.receivers {
         let received = received.clone();
-        let done = done.clone();
-        let total = args.messages;
         pids.push(b.spawn(|mut ctx| async move {
             while ctx.recv().await.is_some() {
-                if received.fetch_add(1, Ordering::Relaxed) + 1 == total {
-                    done.notify_one();
-                }
+                received.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
     let payload = Bytes::from(vec![0xab; args.size]);
-    let finished = done.notified();
+    let duration = Duration::from_secs_f64(args.duration);
     let start = Instant::now();
-    for i in 0..args.messages {
-        let to = &pids[(i % k as u64) as usize];
+    let mut sent = 0u64;
+    loop {
+        if let Some(n) = args.messages {
+            if sent == n {
+                break;
+            }
+        } else if sent % 256 == 0 && start.elapsed() >= duration {
+            break;
+        }
+        let to = &pids[(sent % pids.len() as u64) as usize];
         a.send_to(to, payload.clone()).await?;
+        sent += 1;
     }
-    tokio::time::timeout(Duration::from_secs(120), finished)
-        .await
-        .context("not every message arrived within 120 s")?;
+    wait_count(&received, sent).await?;
     let elapsed = start.elapsed();
     let got = received.load(Ordering::Relaxed);
-    ensure!(
-        got == args.messages,
-        "sent {} but received {got}",
-        args.messages
-    );
-    let rate = args.messages as f64 / elapsed.as_secs_f64();
+    a.shutdown().await;
+    b.shutdown().await;
+    ensure!(got == sent, "sent {sent} but received {got}");
+    Ok((sent, got, sent as f64 / elapsed.as_secs_f64()))
+}
 
-    // Round trip: ping-pong between a process on each node.
+async fn wait_count(counter: &AtomicU64, want: u64) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while counter.load(Ordering::Relaxed) < want {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "only {} of {want} messages arrived within 120 s",
+            counter.load(Ordering::Relaxed)
+        )
+    })
+}
+
+/// Ping-pong between a process on each node. Returns (p50, p99) in µs.
+async fn cluster_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
+    let (a, b) = nodes::<T>(ca).await?;
     let echo = b.spawn(|mut ctx| async move {
         while let Some(m) = ctx.recv().await {
             if let Some(from) = m.from().cloned() {
@@ -85,9 +280,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             }
         }
     });
-    let n = args.round_trips.max(1);
+    let n = args.round_trips.max(10);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let ping = payload.clone();
+    let ping = Bytes::from(vec![0xcd; args.size]);
     a.spawn(move |mut ctx| async move {
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
@@ -102,30 +297,155 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let mut samples = tokio::time::timeout(Duration::from_secs(120), rx)
         .await
         .context("round trips did not finish within 120 s")??;
+    a.shutdown().await;
+    b.shutdown().await;
     ensure!(
         samples.len() == n,
         "only {} of {n} round trips completed",
         samples.len()
     );
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
 
-    println!("backend   size  receivers  messages   msgs/s      p50 rtt   p99 rtt");
-    println!(
-        "{:<9} {:<5} {:<10} {:<10} {:<11.0} {:<9} {:<9}",
-        "quinn",
-        args.size,
-        k,
-        args.messages,
-        rate,
-        format!("{:.1}us", pct(0.50)),
-        format!("{:.1}us", pct(0.99)),
-    );
-    println!(
-        "(tokio multi-thread runtime, both nodes in this process on 127.0.0.1; every message counted: {got}/{})",
-        args.messages
-    );
-    a.shutdown().await;
-    b.shutdown().await;
+// ---- the raw baseline: the bare stack through the same backend, TLS and limits -------------
+
+async fn raw_pair<T: Transport>(ca: &ClusterCa) -> Result<(T, T, T::Connection, T::Connection)> {
+    let bind = |name: &str| -> Result<T> {
+        Ok(T::bind(EndpointConfig {
+            identity: ca.issue(name)?,
+            trust: ca.trust(),
+            listen: "127.0.0.1:0".parse()?,
+            tuning: TransportTuning::default(),
+        })?)
+    };
+    let server = bind("raw-server")?;
+    let client = bind("raw-client")?;
+    let addr = server.local_addr()?;
+    let (dialled, accepted) = tokio::join!(client.connect(addr, "raw-server"), async {
+        match server.accept().await {
+            Some(incoming) => incoming.await.map_err(anyhow::Error::from),
+            None => bail!("server endpoint closed"),
+        }
+    });
+    Ok((server, client, dialled?, accepted?))
+}
+
+async fn read_to_end<R: RecvStream>(mut s: R) -> usize {
+    let mut n = 0;
+    while let Ok(Some(chunk)) = s.read_chunk().await {
+        n += chunk.len();
+    }
+    n
+}
+
+async fn raw_send<C: Connection>(conn: &C, payload: &Bytes) -> Result<()> {
+    let mut s = conn.open_uni().await?;
+    s.write(payload.clone()).await?;
+    s.finish()?;
     Ok(())
+}
+
+/// The naive raw stack: one sender writing one uni-stream per message in sequence, the receiver
+/// reading streams concurrently. Returns messages/s.
+async fn raw_throughput<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<f64> {
+    let (server, client, out, inc) = raw_pair::<T>(ca).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let reader = tokio::spawn(async move {
+        let mut reads = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                Some(_) = reads.next(), if !reads.is_empty() => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                s = inc.accept_uni() => match s {
+                    Ok(Some(s)) => reads.push(read_to_end(s)),
+                    _ => break,
+                },
+            }
+        }
+    });
+    let payload = Bytes::from(vec![0xab; args.size]);
+    let duration = Duration::from_secs_f64(args.duration);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        if let Some(n) = args.messages {
+            if sent == n {
+                break;
+            }
+        } else if sent % 256 == 0 && start.elapsed() >= duration {
+            break;
+        }
+        raw_send(&out, &payload).await?;
+        sent += 1;
+    }
+    wait_count(&received, sent).await?;
+    let rate = sent as f64 / start.elapsed().as_secs_f64();
+    out.close(0, b"done");
+    reader.abort();
+    client.close();
+    server.close();
+    Ok(rate)
+}
+
+/// Raw ping-pong: a uni-stream each way per round trip. Returns (p50, p99) in µs.
+async fn raw_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
+    let (server, client, out, inc) = raw_pair::<T>(ca).await?;
+    let echo = tokio::spawn(async move {
+        while let Ok(Some(s)) = inc.accept_uni().await {
+            let n = read_to_end(s).await;
+            if raw_send(&inc, &Bytes::from(vec![0xcd; n])).await.is_err() {
+                break;
+            }
+        }
+    });
+    let ping = Bytes::from(vec![0xcd; args.size]);
+    let n = args.round_trips.max(10);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        raw_send(&out, &ping).await?;
+        let Ok(Some(s)) = out.accept_uni().await else {
+            bail!("raw echo stopped");
+        };
+        read_to_end(s).await;
+        samples.push(t.elapsed());
+    }
+    out.close(0, b"done");
+    echo.abort();
+    client.close();
+    server.close();
+    samples.sort();
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
+
+/// The kernel's count of UDP packets dropped for a full receive buffer (all sockets).
+fn udp_rcvbuf_errors() -> u64 {
+    let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// This process's peak resident memory in MiB (VmHWM), 0 where unknown.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }

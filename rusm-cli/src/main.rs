@@ -3,8 +3,8 @@
 //! - `rusm demo`: boots three nodes on loopback in one process and shows, step by step,
 //!   authentication, cross-node messaging, per-pair order and a rejected impostor. Exits 0 only
 //!   if every step did what it says.
-//! - `rusm bench`: a quick cross-node throughput figure (one node sends, a process on another
-//!   receives), counting every message.
+//! - `rusm bench`: cross-node throughput and round trip on both backends, each next to a raw
+//!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
 
 mod bench;
 mod demo;
@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Boot three nodes on loopback and show what the cluster does, step by step.
     Demo,
-    /// Measure cross-node throughput between two nodes on loopback.
+    /// Measure cross-node throughput and round trip against a raw QUIC baseline, per backend.
     Bench(bench::BenchArgs),
 }
 
@@ -39,10 +39,13 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match &cli.command {
+        Command::Bench(args) if args.runtime == bench::RuntimeMode::CurrentThread => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rusm: cannot start the runtime: {e}");

@@ -127,6 +127,10 @@ pub struct TransportTuning {
     pub idle_timeout: Duration,
     /// How often to send a keep-alive when otherwise idle (well below `idle_timeout`).
     pub keep_alive_interval: Duration,
+    /// UDP socket send and receive buffer size asked of the kernel (which caps it at
+    /// `net.core.rmem_max` / `wmem_max`). The Linux default of ~208 KiB drops packets on
+    /// loopback under load; `None` keeps the system default.
+    pub socket_buffer_bytes: Option<usize>,
 }
 
 impl Default for TransportTuning {
@@ -137,6 +141,7 @@ impl Default for TransportTuning {
             connection_receive_window: 64 << 20,
             idle_timeout: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(1),
+            socket_buffer_bytes: Some(4 << 20),
         }
     }
 }

@@ -59,6 +59,20 @@ fn transport_config(t: &TransportTuning) -> Result<Arc<quinn::TransportConfig>, 
     Ok(Arc::new(c))
 }
 
+/// Binds the UDP socket with the buffer sizes of the tuning (the kernel caps them at
+/// `net.core.rmem_max` / `wmem_max`).
+fn udp_socket(addr: SocketAddr, tuning: &TransportTuning) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(n) = tuning.socket_buffer_bytes {
+        // Best effort: a smaller buffer than asked is not an error.
+        let _ = socket.set_recv_buffer_size(n);
+        let _ = socket.set_send_buffer_size(n);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 fn setup(e: impl std::fmt::Display) -> TransportError {
     TransportError::Setup {
         reason: e.to_string(),
@@ -82,7 +96,17 @@ impl core::Transport for QuinnTransport {
             QuicClientConfig::try_from(client_tls).map_err(setup)?,
         ));
         client.transport_config(transport);
-        let mut endpoint = quinn::Endpoint::server(server, config.listen).map_err(setup)?;
+        let socket = udp_socket(config.listen, &config.tuning).map_err(setup)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setup {
+            reason: "no async runtime found (call inside tokio)".into(),
+        })?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(setup)?;
         endpoint.set_default_client_config(client);
         Ok(QuinnTransport { endpoint })
     }

@@ -165,7 +165,7 @@ impl core::Transport for S2nTransport {
         let server = s2n_quic::Server::builder()
             .with_tls(s2n_rustls::Server::from(server_tls))
             .map_err(setup)?
-            .with_io(config.listen)
+            .with_io(io(config.listen, &config.tuning)?)
             .map_err(setup)?
             .with_limits(limits)
             .map_err(setup)?
@@ -184,7 +184,7 @@ impl core::Transport for S2nTransport {
         let client = s2n_quic::Client::builder()
             .with_tls(s2n_rustls::Client::from(client_tls))
             .map_err(setup)?
-            .with_io(SocketAddr::new(config.listen.ip(), 0))
+            .with_io(io(SocketAddr::new(config.listen.ip(), 0), &config.tuning)?)
             .map_err(setup)?
             .with_limits(limits)
             .map_err(setup)?
@@ -303,6 +303,24 @@ impl Registry {
             conn.close(core::close_code::NORMAL, b"endpoint closed");
         }
     }
+}
+
+/// The UDP socket of one endpoint, with the buffer sizes of the tuning.
+fn io(
+    addr: SocketAddr,
+    tuning: &TransportTuning,
+) -> Result<s2n_quic::provider::io::tokio::Provider, TransportError> {
+    let mut b = s2n_quic::provider::io::tokio::Builder::default()
+        .with_receive_address(addr)
+        .map_err(setup)?;
+    if let Some(n) = tuning.socket_buffer_bytes {
+        b = b
+            .with_recv_buffer_size(n)
+            .map_err(setup)?
+            .with_send_buffer_size(n)
+            .map_err(setup)?;
+    }
+    b.build().map_err(setup)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
