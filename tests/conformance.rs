@@ -37,6 +37,7 @@ macro_rules! matrix {
             case!(large_and_small_messages_flow_together);
             case!(silent_peer_is_declared_down);
             case!(half_sent_large_message_does_not_block_small_ones);
+            case!(lost_notice_releases_the_pair);
         }
     };
 }

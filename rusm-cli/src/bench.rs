@@ -1,8 +1,12 @@
 //! `rusm bench`: cross-node throughput and round trip between two nodes on loopback, in this
-//! process, next to a raw baseline measured in the same run: the bare QUIC stack (through the same
-//! backend, TLS policy, stream limits and runtime) doing one uni-stream per message. Our figure is
-//! printed as a ratio of it. Every sent message is counted at the receiver; a run that loses one
-//! fails.
+//! process, next to raw baselines measured in the same run: the bare QUIC stack (through the same
+//! backend, TLS policy, stream limits, socket buffers and runtime) doing one uni-stream per
+//! message, with no actors, no ordering and no mailboxes.
+//! - `raw`: the naive receiver, reading one stream after another (the reference baseline);
+//! - `raw_concurrent`: a receiver reading every stream concurrently, as our link does.
+//!
+//! Our figures are printed as ratios of them. Every sent message is counted at the receiver; a
+//! run that loses one fails.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,6 +71,9 @@ pub(crate) struct BenchArgs {
     /// Runtime mode.
     #[arg(long, value_enum, default_value = "multi-thread")]
     pub(crate) runtime: RuntimeMode,
+    /// Skip the raw baselines and round trips (for profiling our own path).
+    #[arg(long, hide = true)]
+    only_cluster_throughput: bool,
     /// Print one JSON array (an object per backend) instead of the table.
     #[arg(long)]
     json: bool,
@@ -85,6 +92,8 @@ struct Row {
     msgs_per_sec: f64,
     raw_msgs_per_sec: f64,
     throughput_ratio: f64,
+    raw_concurrent_msgs_per_sec: f64,
+    concurrent_ratio: f64,
     p50_us: f64,
     p99_us: f64,
     raw_p50_us: f64,
@@ -110,10 +119,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<7} {:>11} {:>11} {:>6}  {:>8} {:>8} {:>8} {:>6}  {:>8}",
+        "{:<7} {:>10} {:>10} {:>6} {:>10} {:>6}  {:>7} {:>7} {:>7} {:>6}  {:>6}",
         "backend",
         "msgs/s",
-        "raw msgs/s",
+        "raw",
+        "ratio",
+        "raw conc",
         "ratio",
         "p50 us",
         "p99 us",
@@ -123,11 +134,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<7} {:>11.0} {:>11.0} {:>6.2}  {:>8.1} {:>8.1} {:>8.1} {:>6.2}  {:>8}",
+            "{:<7} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2}  {:>7.1} {:>7.1} {:>7.1} {:>6.2}  {:>6}",
             r.backend,
             r.msgs_per_sec,
             r.raw_msgs_per_sec,
             r.throughput_ratio,
+            r.raw_concurrent_msgs_per_sec,
+            r.concurrent_ratio,
             r.p50_us,
             r.p99_us,
             r.raw_p50_us,
@@ -164,9 +177,21 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
     let drops_before = udp_rcvbuf_errors();
     let (mut ours, mut raws, mut p50s, mut p99s, mut raw_p50s, mut raw_p99s) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut raw_concs = vec![];
+    if args.only_cluster_throughput {
+        for _ in 0..args.repeat {
+            let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
+            eprintln!(
+                "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
+                T::NAME
+            );
+        }
+        bail!("--only-cluster-throughput prints no table");
+    }
     let mut last = (0, 0);
     for _ in 0..args.repeat {
-        let raw = raw_throughput::<T>(&ca, args).await?;
+        let raw = raw_throughput::<T>(&ca, args, false).await?;
+        raw_concs.push(raw_throughput::<T>(&ca, args, true).await?);
         let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
         let (raw50, raw99) = raw_rtt::<T>(&ca, args).await?;
         let (p50, p99) = cluster_rtt::<T>(&ca, args).await?;
@@ -179,6 +204,7 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
         last = (sent, received);
     }
     let (msgs, raw, p50, raw_p50) = (median(ours), median(raws), median(p50s), median(raw_p50s));
+    let raw_conc = median(raw_concs);
     Ok(Row {
         backend: T::NAME,
         runtime: args.runtime,
@@ -190,6 +216,8 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
         msgs_per_sec: msgs,
         raw_msgs_per_sec: raw,
         throughput_ratio: msgs / raw,
+        raw_concurrent_msgs_per_sec: raw_conc,
+        concurrent_ratio: msgs / raw_conc,
         p50_us: p50,
         p99_us: median(p99s),
         raw_p50_us: raw_p50,
@@ -239,15 +267,23 @@ async fn cluster_throughput<T: Transport>(
             if sent == n {
                 break;
             }
-        } else if sent % 256 == 0 && start.elapsed() >= duration {
+        } else if sent.is_multiple_of(256) && start.elapsed() >= duration {
             break;
         }
         let to = &pids[(sent % pids.len() as u64) as usize];
         a.send_to(to, payload.clone()).await?;
         sent += 1;
     }
+    let send_done = start.elapsed();
+    let at_send_done = received.load(Ordering::Relaxed);
     wait_count(&received, sent).await?;
     let elapsed = start.elapsed();
+    if std::env::var_os("RUSM_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "{}: sending {sent} took {send_done:?} ({at_send_done} received by then), all received after {elapsed:?}",
+            T::NAME
+        );
+    }
     let got = received.load(Ordering::Relaxed);
     a.shutdown().await;
     b.shutdown().await;
@@ -346,13 +382,24 @@ async fn raw_send<C: Connection>(conn: &C, payload: &Bytes) -> Result<()> {
     Ok(())
 }
 
-/// The naive raw stack: one sender writing one uni-stream per message in sequence, the receiver
-/// reading streams concurrently. Returns messages/s.
-async fn raw_throughput<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<f64> {
+/// The raw stack: one sender writing one uni-stream per message in sequence; the receiver reads
+/// one stream after another (naive) or all of them concurrently. Returns messages/s.
+async fn raw_throughput<T: Transport>(
+    ca: &ClusterCa,
+    args: &BenchArgs,
+    concurrent: bool,
+) -> Result<f64> {
     let (server, client, out, inc) = raw_pair::<T>(ca).await?;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let reader = tokio::spawn(async move {
+        if !concurrent {
+            while let Ok(Some(s)) = inc.accept_uni().await {
+                read_to_end(s).await;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
         let mut reads = FuturesUnordered::new();
         loop {
             tokio::select! {
@@ -375,7 +422,7 @@ async fn raw_throughput<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Resul
             if sent == n {
                 break;
             }
-        } else if sent % 256 == 0 && start.elapsed() >= duration {
+        } else if sent.is_multiple_of(256) && start.elapsed() >= duration {
             break;
         }
         raw_send(&out, &payload).await?;

@@ -1,20 +1,26 @@
 //! The link driver, generic over the transport: dialling and accepting (mutual TLS, then the
-//! hello exchange), then one task per link that runs three loops side by side:
-//! - the **writer** opens one uni-stream per queued message (many in flight at once);
+//! hello exchange), then one task per link that runs two loops side by side:
 //! - the **reader** accepts uni-streams and reads them concurrently, restores per-pair order,
 //!   and delivers into mailboxes within the link's memory budget;
-//! - the **control** loop reads and writes control frames (goodbye now; gossip and RPC later).
+//! - the **control** loop reads and writes control frames (lost notices and goodbye now; gossip
+//!   and RPC later).
+//!
+//! Sending needs no task: the sending process opens its message's uni-stream and writes it
+//! itself (so QUIC's stream credit and flow control slow a fast sender down directly, and no
+//! message crosses a task boundary on the way out).
 //!
 //! Whichever loop ends first (connection lost, protocol violation, goodbye) ends the link; the
 //! teardown releases held-back messages, counts what was lost, and raises `NodeDown`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
@@ -35,34 +41,156 @@ use crate::node::{lock, DownReason, Node, NodeEvent, NodeInner, PeerInfo};
 use crate::pid::Pid;
 use crate::process::Message;
 
-/// Messages queued per link before senders wait.
-const QUEUE: usize = 4096;
-/// Message streams written at once per link.
-const MAX_WRITES: usize = 4096;
+/// Payloads up to this size are copied behind their header into one chunk; larger ones are
+/// written without a copy.
+const COALESCE_MAX: usize = 4 << 10;
 /// Message streams read at once per link.
 const MAX_READS: usize = 4096;
 /// How long a closing side waits for the peer to drain after a goodbye or reject.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// A message ready for the wire: the encoded header and the payload, untouched.
-struct Outgoing {
-    header: Bytes,
+/// The typed half of a link's sending side, erased so the handle is not generic.
+trait LinkSender: Send + Sync {
+    fn send<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        from: Option<u64>,
+        to: Dest,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;
+    fn rtt(&self) -> Option<Duration>;
+    fn close(&self, code: u32, reason: &str);
+}
+
+struct TypedSender<C: Connection>(C);
+
+impl<C: Connection> LinkSender for TypedSender<C> {
+    fn send<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        from: Option<u64>,
+        to: Dest,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>> {
+        Box::pin(send_message(&self.0, link, from, to, payload))
+    }
+    fn rtt(&self) -> Option<Duration> {
+        self.0.rtt()
+    }
+    fn close(&self, code: u32, reason: &str) {
+        self.0.close(code, reason.as_bytes());
+    }
+}
+
+/// Writes one message on a stream of its own, from the sender's task.
+async fn send_message<C: Connection>(
+    conn: &C,
+    link: &LinkHandle,
+    from: Option<u64>,
+    to: Dest,
     payload: Bytes,
+) -> Result<(), SendError> {
+    let Some(_active) = link.begin_send() else {
+        let node = link.peer.clone();
+        return Err(SendError::new(Error::NotConnected { node }, payload));
+    };
+    let mut stream = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            let error = if e.is_connection_error() {
+                Error::NotConnected {
+                    node: link.peer.clone(),
+                }
+            } else {
+                Error::Transport(e)
+            };
+            return Err(SendError::new(error, payload));
+        }
+    };
+    link.streams.fetch_add(1, Ordering::Relaxed);
+    // Numbered only once the stream exists, so a send cancelled while waiting for stream credit
+    // leaves no gap; from here on, the guard reports the number lost unless the write finishes.
+    let seq = link.next_seq(from, &to);
+    let mut lost = LostGuard {
+        link,
+        notice: Some((from, to.clone(), seq)),
+    };
+    let header = encode_header(&EnvelopeHeader {
+        to,
+        from,
+        seq,
+        len: payload.len() as u64,
+    });
+    let write = if payload.len() <= COALESCE_MAX {
+        // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
+        // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
+        let mut buf = BytesMut::with_capacity(header.len() + payload.len());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(&payload);
+        stream.write(buf.freeze()).await
+    } else {
+        // A large payload is written as it is, never copied.
+        stream
+            .write_all_chunks(&mut [header, payload.clone()])
+            .await
+    };
+    let written = write.and_then(|()| stream.finish());
+    match written {
+        Ok(()) => {
+            lost.notice = None;
+            link.sent.fetch_add(1, Ordering::Relaxed);
+            if let Some(node) = link.node.upgrade() {
+                node.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(node) = link.node.upgrade() {
+                node.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            let error = match e {
+                TransportError::StreamStopped { code }
+                    if code == u64::from(rusm_cluster_core::transport::stream_code::TOO_LARGE) =>
+                {
+                    Error::MessageTooLarge {
+                        size: payload.len(),
+                        max: link.peer_max_message,
+                    }
+                }
+                e if e.is_connection_error() => Error::NotConnected {
+                    node: link.peer.clone(),
+                },
+                e => Error::Transport(e),
+            };
+            Err(SendError::new(error, payload))
+        }
+    }
 }
 
-enum Out {
-    Msg(Outgoing),
-    Goodbye(String),
+/// Tells the peer a numbered message will never arrive whole, unless disarmed.
+struct LostGuard<'a> {
+    link: &'a LinkHandle,
+    notice: Option<(Option<u64>, Dest, u64)>,
 }
 
-/// Type-erased connection controls, so the handle is not generic.
-trait ConnCtl: Send + Sync {
-    fn rtt_estimate(&self) -> Option<Duration>;
+impl Drop for LostGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((from, to, seq)) = self.notice.take() {
+            let _ = self.link.control.send(Frame::Lost { from, to, seq });
+        }
+    }
 }
 
-impl<C: Connection> ConnCtl for C {
-    fn rtt_estimate(&self) -> Option<Duration> {
-        Connection::rtt(self)
+/// Counts a send in progress (so a goodbye waits for it); refused once the link is closing.
+struct ActiveSend<'a>(&'a LinkHandle);
+
+impl Drop for ActiveSend<'_> {
+    fn drop(&mut self) {
+        if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.closing_flag.load(Ordering::SeqCst)
+        {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -73,15 +201,19 @@ pub(crate) struct LinkHandle {
     addr: SocketAddr,
     peer_creation: u64,
     pub(crate) peer_max_message: usize,
-    tx: mpsc::Sender<Out>,
+    sender: Box<dyn LinkSender>,
+    control: mpsc::UnboundedSender<Frame>,
     seqs: Mutex<HashMap<(Option<u64>, Dest), u64>>,
-    conn: Box<dyn ConnCtl>,
+    streams: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
-    stats: Weak<NodeInner>,
+    node: Weak<NodeInner>,
+    in_progress: AtomicUsize,
+    closing_flag: AtomicBool,
+    idle: Notify,
     closing: Mutex<Option<String>>,
     finished: Notify,
-    is_finished: std::sync::atomic::AtomicBool,
+    is_finished: AtomicBool,
 }
 
 impl LinkHandle {
@@ -90,48 +222,43 @@ impl LinkHandle {
             name: self.peer.clone(),
             addr: self.addr,
             creation: self.peer_creation,
-            rtt: self.conn.rtt_estimate(),
+            rtt: self.sender.rtt(),
             messages_sent: self.sent.load(Ordering::Relaxed),
             messages_received: self.received.load(Ordering::Relaxed),
         }
     }
 
-    /// Numbers the message within its (from, to) pair and queues it. The queue slot is
-    /// reserved before the number is taken, so a cancelled send leaves no gap.
-    pub(crate) async fn enqueue(
+    /// Sends one message on its own stream (see [`send_message`]).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a send dropped before its stream opened sends nothing; one dropped mid-write
+    /// is reported lost to the peer, so the pair's later messages are not held back.
+    pub(crate) async fn send(
         &self,
         from: Option<u64>,
         to: Dest,
         payload: Bytes,
     ) -> Result<(), SendError> {
-        let Ok(permit) = self.tx.reserve().await else {
-            let node = self.peer.clone();
-            return Err(SendError::new(Error::NotConnected { node }, payload));
-        };
-        let seq = {
-            let mut seqs = lock(&self.seqs);
-            let key = (from, to);
-            let next = seqs.get(&key).map_or(1, |s| s + 1);
-            let to = key.1.clone();
-            seqs.insert(key, next);
-            (next, to)
-        };
-        let (seq, to) = seq;
-        let header = encode_header(&EnvelopeHeader {
-            to,
-            from,
-            seq,
-            len: payload.len() as u64,
-        });
-        permit.send(Out::Msg(Outgoing { header, payload }));
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        if let Some(node) = self.stats.upgrade() {
-            node.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        self.sender.send(self, from, to, payload).await
     }
 
-    /// Closes the link on purpose: queued messages are written first, then a goodbye tells the
+    fn begin_send(&self) -> Option<ActiveSend<'_>> {
+        // Count first, then look: with goodbye doing the opposite (flag, then count), one of the
+        // two always sees the other.
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        let active = ActiveSend(self);
+        (!self.closing_flag.load(Ordering::SeqCst)).then_some(active)
+    }
+
+    fn next_seq(&self, from: Option<u64>, to: &Dest) -> u64 {
+        let mut seqs = lock(&self.seqs);
+        let key = (from, to.clone());
+        let next = seqs.get(&key).map_or(1, |s| s + 1);
+        seqs.insert(key, next);
+        next
+    }
+
+    /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the
     /// peer how many streams to expect, and the peer closes once it has read them all.
     pub(crate) async fn goodbye(&self, reason: &str) {
         *lock(&self.closing) = Some(reason.to_string());
@@ -139,15 +266,27 @@ impl LinkHandle {
         if self.is_finished.load(Ordering::Acquire) {
             return;
         }
-        if self
-            .tx
-            .send(Out::Goodbye(reason.to_string()))
-            .await
-            .is_err()
-        {
-            return;
+        self.closing_flag.store(true, Ordering::SeqCst);
+        let drained = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.in_progress.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN, drained).await;
+        let streams = self.streams.load(Ordering::SeqCst);
+        let _ = self.control.send(Frame::Goodbye {
+            reason: reason.to_string(),
+            streams,
+        });
+        if tokio::time::timeout(DRAIN, finished).await.is_err() {
+            // The peer did not close in time: close from here.
+            self.sender.close(close_code::NORMAL, reason);
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.finished.notified()).await;
         }
-        let _ = tokio::time::timeout(DRAIN + Duration::from_secs(1), finished).await;
     }
 }
 
@@ -311,26 +450,30 @@ fn register<C: Connection>(
     peer: &NodeName,
     creation: u64,
     max_message: u64,
-) -> (Arc<LinkHandle>, mpsc::Receiver<Out>) {
-    let (tx, rx) = mpsc::channel(QUEUE);
+) -> (Arc<LinkHandle>, mpsc::UnboundedReceiver<Frame>) {
+    let (control, control_rx) = mpsc::unbounded_channel();
     let link = Arc::new(LinkHandle {
         id: node.inner.next_link_id.fetch_add(1, Ordering::Relaxed),
         peer: peer.clone(),
         addr: conn.remote_addr(),
         peer_creation: creation,
         peer_max_message: usize::try_from(max_message).unwrap_or(usize::MAX),
-        tx,
+        sender: Box::new(TypedSender(conn.clone())),
+        control,
         seqs: Mutex::new(HashMap::new()),
-        conn: Box::new(conn.clone()),
+        streams: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
-        stats: Arc::downgrade(&node.inner),
+        node: Arc::downgrade(&node.inner),
+        in_progress: AtomicUsize::new(0),
+        closing_flag: AtomicBool::new(false),
+        idle: Notify::new(),
         closing: Mutex::new(None),
         finished: Notify::new(),
-        is_finished: std::sync::atomic::AtomicBool::new(false),
+        is_finished: AtomicBool::new(false),
     });
     links.up.insert(peer.clone(), link.clone());
-    (link, rx)
+    (link, control_rx)
 }
 
 fn announce_up(inner: &NodeInner, link: &LinkHandle) {
@@ -501,27 +644,34 @@ async fn run_link<C: Connection>(
     mut ctl_send: C::SendStream,
     mut ctl_recv: C::RecvStream,
     mut dec: FrameDecoder,
-    mut rx: mpsc::Receiver<Out>,
+    control_rx: mpsc::UnboundedReceiver<Frame>,
 ) {
     let inner = &node.inner;
     let (goodbye_tx, goodbye_rx) = watch::channel(None);
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let (lost_tx, lost_rx) = mpsc::unbounded_channel();
     let mut reorder: Reorder<(Option<u64>, Dest), ReadMessage> = Reorder::new();
     let budget = Arc::new(Semaphore::new(inner.config.link_budget_bytes.max(1)));
     let reason = {
-        let reader = read_loop(&node, &link, &conn, &mut reorder, &budget, goodbye_rx);
-        let writer = write_loop(&node, &conn, &mut rx, &ctl_tx);
+        let reader = read_loop(
+            &node,
+            &link,
+            &conn,
+            &mut reorder,
+            &budget,
+            goodbye_rx,
+            lost_rx,
+        );
         let control = control_loop(
             &node,
             &mut ctl_send,
             &mut ctl_recv,
             &mut dec,
-            ctl_rx,
+            control_rx,
             &goodbye_tx,
+            &lost_tx,
         );
         tokio::select! {
             r = reader => r,
-            r = writer => r,
             r = control => r,
         }
     };
@@ -551,18 +701,6 @@ async fn run_link<C: Connection>(
     for msg in released {
         deliver(&node, &link, None, msg).await;
     }
-    // Messages queued but never written are lost: count them.
-    rx.close();
-    let mut unsent = 0;
-    while let Ok(out) = rx.try_recv() {
-        if matches!(out, Out::Msg(_)) {
-            unsent += 1;
-        }
-    }
-    inner
-        .stats
-        .send_failures
-        .fetch_add(unsent, Ordering::Relaxed);
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
     info!(node = %inner.name, peer = %link.peer, %reason, "link down");
     let _ = inner.events.send(NodeEvent::NodeDown {
@@ -571,55 +709,6 @@ async fn run_link<C: Connection>(
     });
     link.is_finished.store(true, Ordering::Release);
     link.finished.notify_waiters();
-}
-
-async fn write_one<C: Connection>(conn: C, out: Outgoing) -> Result<(), TransportError> {
-    let mut stream = conn.open_uni().await?;
-    let mut chunks = [out.header, out.payload];
-    stream.write_all_chunks(&mut chunks).await?;
-    stream.finish()
-}
-
-async fn write_loop<C: Connection>(
-    node: &Node,
-    conn: &C,
-    rx: &mut mpsc::Receiver<Out>,
-    ctl_tx: &mpsc::UnboundedSender<Frame>,
-) -> DownReason {
-    let stats = &node.inner.stats;
-    let mut inflight = FuturesUnordered::new();
-    let mut streams: u64 = 0;
-    let failed = |e: TransportError| {
-        stats.send_failures.fetch_add(1, Ordering::Relaxed);
-        debug!(error = %e, "message not written");
-    };
-    loop {
-        tokio::select! {
-            Some(res) = inflight.next(), if !inflight.is_empty() => {
-                if let Err(e) = res {
-                    failed(e);
-                }
-            }
-            out = rx.recv(), if inflight.len() < MAX_WRITES => match out {
-                Some(Out::Msg(m)) => {
-                    streams += 1;
-                    inflight.push(write_one(conn.clone(), m));
-                }
-                Some(Out::Goodbye(reason)) => {
-                    while let Some(res) = inflight.next().await {
-                        if let Err(e) = res {
-                            failed(e);
-                        }
-                    }
-                    let _ = ctl_tx.send(Frame::Goodbye { reason, streams });
-                    // The peer closes once it has read every stream.
-                    let _ = tokio::time::timeout(DRAIN, conn.closed()).await;
-                    return DownReason::Shutdown;
-                }
-                None => std::future::pending::<()>().await,
-            },
-        }
-    }
 }
 
 /// Reads one message stream.
@@ -634,6 +723,7 @@ async fn read_loop<C: Connection>(
     reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
     budget: &Arc<Semaphore>,
     mut goodbye: watch::Receiver<Option<(String, u64)>>,
+    mut lost: mpsc::UnboundedReceiver<(Option<u64>, Dest, u64)>,
 ) -> DownReason {
     let inner = &node.inner;
     let limits = inner.config.limits;
@@ -687,6 +777,14 @@ async fn read_loop<C: Connection>(
             },
             changed = goodbye.changed(), if goodbye_open => {
                 goodbye_open = changed.is_ok();
+            }
+            Some((from, to, seq)) = lost.recv() => {
+                // The sender never finished this message: stop waiting for it.
+                stats.lost_messages.fetch_add(1, Ordering::Relaxed);
+                reorder.on_lost((from, to), seq, &mut out);
+                for msg in out.drain(..) {
+                    deliver(node, link, Some(budget), msg).await;
+                }
             }
         }
     }
@@ -758,6 +856,7 @@ async fn control_loop<S: SendStream, R: RecvStream>(
     dec: &mut FrameDecoder,
     mut frames: mpsc::UnboundedReceiver<Frame>,
     goodbye: &watch::Sender<Option<(String, u64)>>,
+    lost: &mpsc::UnboundedSender<(Option<u64>, Dest, u64)>,
 ) -> DownReason {
     let stats = &node.inner.stats;
     let violation = |why: String| {
@@ -786,6 +885,9 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                         match dec.next_frame() {
                             Ok(Some(Frame::Goodbye { reason, streams })) => {
                                 let _ = goodbye.send(Some((reason, streams)));
+                            }
+                            Ok(Some(Frame::Lost { from, to, seq })) => {
+                                let _ = lost.send((from, to, seq));
                             }
                             Ok(Some(other)) => {
                                 return violation(format!("unexpected {} frame", other.kind()));

@@ -704,7 +704,7 @@ impl Node {
                 payload,
             ));
         }
-        link.enqueue(from.map(|p| p.id), to, payload).await
+        link.send(from.map(|p| p.id), to, payload).await
     }
 
     /// The peers with a link up.

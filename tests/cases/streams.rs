@@ -59,3 +59,49 @@ pub async fn half_sent_large_message_does_not_block_small_ones<T: Transport>() {
     assert_eq!(got.payload().len(), big_len);
     assert!(got.payload().iter().all(|&b| b == 9));
 }
+
+/// A sender that numbered a message but never finished writing it (its send was cancelled)
+/// says so on the control stream; the receiver stops waiting for it, so the pair goes on.
+pub async fn lost_notice_releases_the_pair<T: Transport>() {
+    use rusm_cluster::core::wire::{encode_frame, Frame};
+    let (ca, london, _paris) = pair::<T>().await;
+    let (p, mut inbox) = collector(&london);
+    london.register("inbox", &p).unwrap();
+    let mut raw = linked_raw::<T>(&ca, &london).await;
+    let send = |seq: u64, body: &'static [u8]| {
+        let conn = raw.conn.clone();
+        async move {
+            let mut s = conn.open_uni().await.unwrap();
+            let header = encode_header(&EnvelopeHeader {
+                to: Dest::Name("inbox".into()),
+                from: Some(3),
+                seq,
+                len: body.len() as u64,
+            });
+            s.write_all_chunks(&mut [header, Bytes::from_static(body)])
+                .await
+                .unwrap();
+            s.finish().unwrap();
+        }
+    };
+    // Message 2 arrives; message 1 never will.
+    send(2, b"second").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(inbox.try_recv().is_err(), "2 waits for 1");
+    let lost = Frame::Lost {
+        from: Some(3),
+        to: Dest::Name("inbox".into()),
+        seq: 1,
+    };
+    raw.send.write(encode_frame(&lost).unwrap()).await.unwrap();
+    assert_eq!(
+        recv(&mut inbox).await.payload(),
+        &Bytes::from_static(b"second")
+    );
+    send(3, b"third").await;
+    assert_eq!(
+        recv(&mut inbox).await.payload(),
+        &Bytes::from_static(b"third")
+    );
+    wait_until(|| london.stats().lost_messages == 1).await;
+}

@@ -121,6 +121,17 @@ pub enum Frame {
     Welcome(Welcome),
     /// The listener refuses; the connection closes after this frame.
     Reject(RejectReason),
+    /// A message the sender numbered but never finished writing (its send was cancelled or its
+    /// stream failed before the header went out): the receiver stops waiting for it, so the
+    /// pair's later messages are not held back for ever.
+    Lost {
+        /// The sending process (as in the envelope).
+        from: Option<u64>,
+        /// The destination (as in the envelope).
+        to: crate::wire::Dest,
+        /// The lost message's number.
+        seq: u64,
+    },
     /// The sender is closing the link on purpose (shutdown). The receiver reads the streams
     /// still in flight, then closes the connection.
     Goodbye {
@@ -139,6 +150,7 @@ impl Frame {
             Frame::Hello(_) => "hello",
             Frame::Welcome(_) => "welcome",
             Frame::Reject(_) => "reject",
+            Frame::Lost { .. } => "lost",
             Frame::Goodbye { .. } => "goodbye",
         }
     }
