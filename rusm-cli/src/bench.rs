@@ -259,17 +259,9 @@ async fn cluster_throughput<T: Transport>(
         }));
     }
     let payload = Bytes::from(vec![0xab; args.size]);
-    let duration = Duration::from_secs_f64(args.duration);
     let start = Instant::now();
     let mut sent = 0u64;
-    loop {
-        if let Some(n) = args.messages {
-            if sent == n {
-                break;
-            }
-        } else if sent.is_multiple_of(256) && start.elapsed() >= duration {
-            break;
-        }
+    while keep_sending(args, sent, start) {
         let to = &pids[(sent % pids.len() as u64) as usize];
         a.send_to(to, payload.clone()).await?;
         sent += 1;
@@ -289,6 +281,17 @@ async fn cluster_throughput<T: Transport>(
     b.shutdown().await;
     ensure!(got == sent, "sent {sent} but received {got}");
     Ok((sent, got, sent as f64 / elapsed.as_secs_f64()))
+}
+
+/// Whether a throughput run goes on: until `--messages` are sent, or for `--duration` (the clock
+/// is read every 256 messages).
+fn keep_sending(args: &BenchArgs, sent: u64, start: Instant) -> bool {
+    match args.messages {
+        Some(n) => sent < n,
+        None => {
+            !sent.is_multiple_of(256) || start.elapsed() < Duration::from_secs_f64(args.duration)
+        }
+    }
 }
 
 async fn wait_count(counter: &AtomicU64, want: u64) -> Result<()> {
@@ -414,17 +417,9 @@ async fn raw_throughput<T: Transport>(
         }
     });
     let payload = Bytes::from(vec![0xab; args.size]);
-    let duration = Duration::from_secs_f64(args.duration);
     let start = Instant::now();
     let mut sent = 0u64;
-    loop {
-        if let Some(n) = args.messages {
-            if sent == n {
-                break;
-            }
-        } else if sent.is_multiple_of(256) && start.elapsed() >= duration {
-            break;
-        }
+    while keep_sending(args, sent, start) {
         raw_send(&out, &payload).await?;
         sent += 1;
     }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
@@ -30,8 +31,9 @@ use rusm_cluster_core::transport::{
     close_code, Connection, RecvStream, SendStream, Transport, TransportError,
 };
 use rusm_cluster_core::wire::{
-    encode_frame, encode_header, read_message, Dest, EnvelopeHeader, Frame, FrameDecoder, Hello,
-    Limits, PeerAddr, ReadError, ReadMessage, RejectReason, Welcome, WireError, PROTOCOL_VERSION,
+    encode_frame, encode_header, read_message_into, Dest, EnvelopeHeader, Frame, FrameDecoder,
+    Hello, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason, Welcome, WireError,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
@@ -711,9 +713,72 @@ async fn run_link<C: Connection>(
     link.finished.notify_waiters();
 }
 
-/// Reads one message stream.
-async fn read_one<R: RecvStream>(mut stream: R, limits: Limits) -> Result<ReadMessage, ReadError> {
-    read_message(&mut stream, &limits).await
+/// Reads what a stream already holds without waiting: most small messages are complete by
+/// the time their stream is accepted, and this spares them a slot among the streams in flight.
+fn read_now<R: RecvStream>(mut stream: R, mut asm: MessageAssembler) -> ReadNow<R> {
+    loop {
+        // Dropping a pending `read_chunk` loses nothing (it is cancel safe).
+        match stream.read_chunk().now_or_never() {
+            Some(Ok(Some(chunk))) => {
+                if let Err(e) = asm.push(chunk) {
+                    if let Some(code) = e.stop_code() {
+                        stream.stop(code);
+                    }
+                    return ReadNow::Done(Err(e));
+                }
+            }
+            Some(Ok(None)) => return ReadNow::Done(asm.finish()),
+            Some(Err(e)) => return ReadNow::Done(Err(asm.failed(e))),
+            None => return ReadNow::Wait(stream, asm),
+        }
+    }
+}
+
+/// What [`read_now`] got: the message (or why not), or the stream and what was read so far
+/// when it must wait for more.
+enum ReadNow<R> {
+    Done(Result<ReadMessage, ReadError>),
+    Wait(R, MessageAssembler),
+}
+
+/// Reads the rest of a message stream.
+async fn read_rest<R: RecvStream>(
+    mut stream: R,
+    asm: MessageAssembler,
+) -> Result<ReadMessage, ReadError> {
+    read_message_into(&mut stream, asm).await
+}
+
+/// Puts a read message (or a refused one) through the reorder buffer into `out`.
+fn place(
+    node: &Node,
+    link: &LinkHandle,
+    reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
+    res: Result<ReadMessage, ReadError>,
+    out: &mut Vec<ReadMessage>,
+) {
+    let stats = &node.inner.stats;
+    match res {
+        Ok(msg) => {
+            let h: &EnvelopeHeader = &msg.header;
+            let (key, seq) = ((h.from, h.to.clone()), h.seq);
+            if reorder.on_message(key, seq, msg, out) == Placed::Late {
+                stats.lost_messages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(e) => {
+            match &e {
+                ReadError::TooLarge { .. } => &stats.oversized_messages,
+                ReadError::Malformed { .. } => &stats.malformed_messages,
+                _ => &stats.lost_messages,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            warn!(node = %node.inner.name, peer = %link.peer, error = %e, "message refused");
+            if let Some(h) = e.header() {
+                reorder.on_lost((h.from, h.to.clone()), h.seq, out);
+            }
+        }
+    }
 }
 
 async fn read_loop<C: Connection>(
@@ -740,36 +805,15 @@ async fn read_loop<C: Connection>(
         }
         tokio::select! {
             Some(res) = inflight.next(), if !inflight.is_empty() => {
-                let res: Result<ReadMessage, ReadError> = res;
-                match res {
-                    Ok(msg) => {
-                        let h: &EnvelopeHeader = &msg.header;
-                        let (key, seq) = ((h.from, h.to.clone()), h.seq);
-                        if reorder.on_message(key, seq, msg, &mut out) == Placed::Late {
-                            stats.lost_messages.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) => {
-                        match &e {
-                            ReadError::TooLarge { .. } => &stats.oversized_messages,
-                            ReadError::Malformed { .. } => &stats.malformed_messages,
-                            _ => &stats.lost_messages,
-                        }
-                        .fetch_add(1, Ordering::Relaxed);
-                        warn!(node = %inner.name, peer = %link.peer, error = %e, "message refused");
-                        if let Some(h) = e.header() {
-                            reorder.on_lost((h.from, h.to.clone()), h.seq, &mut out);
-                        }
-                    }
-                }
-                for msg in out.drain(..) {
-                    deliver(node, link, Some(budget), msg).await;
-                }
+                place(node, link, reorder, res, &mut out);
             }
             r = conn.accept_uni(), if inflight.len() < MAX_READS => match r {
                 Ok(Some(stream)) => {
                     accepted += 1;
-                    inflight.push(read_one(stream, limits));
+                    match read_now(stream, MessageAssembler::new(limits)) {
+                        ReadNow::Done(res) => place(node, link, reorder, res, &mut out),
+                        ReadNow::Wait(stream, asm) => inflight.push(read_rest(stream, asm)),
+                    }
                 }
                 // Closed gracefully: the close itself says why.
                 Ok(None) => return down_from(conn.closed().await),
@@ -782,10 +826,10 @@ async fn read_loop<C: Connection>(
                 // The sender never finished this message: stop waiting for it.
                 stats.lost_messages.fetch_add(1, Ordering::Relaxed);
                 reorder.on_lost((from, to), seq, &mut out);
-                for msg in out.drain(..) {
-                    deliver(node, link, Some(budget), msg).await;
-                }
             }
+        }
+        for msg in out.drain(..) {
+            deliver(node, link, Some(budget), msg).await;
         }
     }
 }

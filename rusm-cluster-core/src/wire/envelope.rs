@@ -107,136 +107,197 @@ impl ReadError {
     }
 }
 
+impl ReadError {
+    /// The code to stop the stream with after this error (`None` when the stream already
+    /// failed on its own).
+    pub fn stop_code(&self) -> Option<u32> {
+        match self {
+            ReadError::TooLarge { .. } => Some(stream_code::TOO_LARGE),
+            ReadError::Malformed { .. } => Some(stream_code::MALFORMED),
+            ReadError::Transport { .. } => None,
+        }
+    }
+}
+
+/// Reassembles one message from the chunks of its stream, sans-IO, enforcing `limits` before
+/// buffering: a header over `max_header_size` or a payload over `max_message_size` is refused
+/// from the header alone. A payload that arrives in one chunk is kept as that chunk (no copy).
+#[derive(Debug)]
+pub struct MessageAssembler {
+    limits: Limits,
+    /// Bytes received before the header was complete.
+    pending: BytesMut,
+    header: Option<EnvelopeHeader>,
+    want: usize,
+    have: usize,
+    single: Option<Bytes>,
+    multi: Option<BytesMut>,
+}
+
+impl MessageAssembler {
+    /// An assembler for one stream.
+    pub fn new(limits: Limits) -> Self {
+        MessageAssembler {
+            limits,
+            pending: BytesMut::new(),
+            header: None,
+            want: 0,
+            have: 0,
+            single: None,
+            multi: None,
+        }
+    }
+
+    /// The header, once it has arrived.
+    pub fn header(&self) -> Option<&EnvelopeHeader> {
+        self.header.as_ref()
+    }
+
+    /// Feeds the next chunk of the stream. After an error, stop the stream with
+    /// [`ReadError::stop_code`] and drop the assembler.
+    pub fn push(&mut self, chunk: Bytes) -> Result<(), ReadError> {
+        if self.header.is_some() {
+            return self.push_payload(chunk);
+        }
+        let data = if self.pending.is_empty() {
+            chunk
+        } else {
+            self.pending.extend_from_slice(&chunk);
+            self.pending.split().freeze()
+        };
+        if data.len() < 2 {
+            self.pending.extend_from_slice(&data);
+            return Ok(());
+        }
+        let hlen = u16::from_be_bytes([data[0], data[1]]) as usize;
+        if hlen > self.limits.max_header_size {
+            return Err(ReadError::Malformed {
+                header: None,
+                error: WireError::FrameTooLarge {
+                    len: hlen,
+                    max: self.limits.max_header_size,
+                },
+            });
+        }
+        if data.len() < 2 + hlen {
+            self.pending.extend_from_slice(&data);
+            return Ok(());
+        }
+        let header: EnvelopeHeader =
+            rmp_serde::from_slice(&data[2..2 + hlen]).map_err(|e| ReadError::Malformed {
+                header: None,
+                error: WireError::Malformed {
+                    what: "message header",
+                    why: e.to_string(),
+                },
+            })?;
+        if header.len > self.limits.max_message_size as u64 {
+            return Err(ReadError::TooLarge {
+                header,
+                max: self.limits.max_message_size,
+            });
+        }
+        self.want = header.len as usize;
+        self.header = Some(header);
+        self.push_payload(data.slice(2 + hlen..))
+    }
+
+    fn push_payload(&mut self, chunk: Bytes) -> Result<(), ReadError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.have += chunk.len();
+        if self.have > self.want {
+            return Err(ReadError::Malformed {
+                header: self.header.clone(),
+                error: WireError::Malformed {
+                    what: "message",
+                    why: format!(
+                        "stream carries more than the {} bytes announced ({})",
+                        self.want, self.have
+                    ),
+                },
+            });
+        }
+        if let Some(m) = self.multi.as_mut() {
+            m.extend_from_slice(&chunk);
+        } else if let Some(first) = self.single.take() {
+            let mut m = BytesMut::with_capacity(self.want);
+            m.extend_from_slice(&first);
+            m.extend_from_slice(&chunk);
+            self.multi = Some(m);
+        } else {
+            self.single = Some(chunk);
+        }
+        Ok(())
+    }
+
+    /// The stream ended: the message, or why it is incomplete.
+    pub fn finish(self) -> Result<ReadMessage, ReadError> {
+        let Some(header) = self.header else {
+            return Err(ReadError::Malformed {
+                header: None,
+                error: WireError::Truncated {
+                    have: self.pending.len(),
+                    want: 2,
+                },
+            });
+        };
+        if self.have < self.want {
+            return Err(ReadError::Malformed {
+                header: Some(header),
+                error: WireError::Truncated {
+                    have: self.have,
+                    want: self.want,
+                },
+            });
+        }
+        let payload = match (self.multi, self.single) {
+            (Some(m), _) => m.freeze(),
+            (None, Some(b)) => b,
+            (None, None) => Bytes::new(),
+        };
+        Ok(ReadMessage { header, payload })
+    }
+
+    /// A failure of the stream itself, with the header if it had arrived.
+    pub fn failed(&self, error: TransportError) -> ReadError {
+        ReadError::Transport {
+            header: self.header.clone(),
+            error,
+        }
+    }
+}
+
+/// Reads the rest of a message from a uni-stream into `asm` (see [`MessageAssembler`]), stopping
+/// the stream when the input is refused.
+pub async fn read_message_into<R: RecvStream>(
+    stream: &mut R,
+    mut asm: MessageAssembler,
+) -> Result<ReadMessage, ReadError> {
+    loop {
+        match stream.read_chunk().await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = asm.push(chunk) {
+                    if let Some(code) = e.stop_code() {
+                        stream.stop(code);
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(None) => return asm.finish(),
+            Err(e) => return Err(asm.failed(e)),
+        }
+    }
+}
+
 /// Reads one message from a uni-stream, enforcing `limits` before buffering: a header over
 /// `max_header_size` or a payload over `max_message_size` stops the stream at once.
 pub async fn read_message<R: RecvStream>(
     stream: &mut R,
     limits: &Limits,
 ) -> Result<ReadMessage, ReadError> {
-    // Gather the header.
-    let mut head = BytesMut::new();
-    let mut first: Option<Bytes> = None;
-    let header_len;
-    loop {
-        let chunk = match stream.read_chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                return Err(ReadError::Malformed {
-                    header: None,
-                    error: WireError::Truncated {
-                        have: head.len() + first.as_ref().map_or(0, Bytes::len),
-                        want: 2,
-                    },
-                })
-            }
-            Err(error) => {
-                return Err(ReadError::Transport {
-                    header: None,
-                    error,
-                })
-            }
-        };
-        let have = match first.take() {
-            None if head.is_empty() => chunk,
-            prev => {
-                if let Some(p) = prev {
-                    head.extend_from_slice(&p);
-                }
-                head.extend_from_slice(&chunk);
-                head.split().freeze()
-            }
-        };
-        if have.len() >= 2 {
-            let hlen = u16::from_be_bytes([have[0], have[1]]) as usize;
-            if hlen > limits.max_header_size {
-                stream.stop(stream_code::MALFORMED);
-                return Err(ReadError::Malformed {
-                    header: None,
-                    error: WireError::FrameTooLarge {
-                        len: hlen,
-                        max: limits.max_header_size,
-                    },
-                });
-            }
-            if have.len() >= 2 + hlen {
-                header_len = hlen;
-                first = Some(have);
-                break;
-            }
-        }
-        first = Some(have);
-    }
-    let mut buf = first.unwrap_or_default();
-    let header: EnvelopeHeader = rmp_serde::from_slice(&buf[2..2 + header_len]).map_err(|e| {
-        stream.stop(stream_code::MALFORMED);
-        ReadError::Malformed {
-            header: None,
-            error: WireError::Malformed {
-                what: "message header",
-                why: e.to_string(),
-            },
-        }
-    })?;
-    if header.len > limits.max_message_size as u64 {
-        stream.stop(stream_code::TOO_LARGE);
-        return Err(ReadError::TooLarge {
-            header,
-            max: limits.max_message_size,
-        });
-    }
-    let want = header.len as usize;
-    bytes::Buf::advance(&mut buf, 2 + header_len);
-    let too_long = |stream: &mut R, header: EnvelopeHeader, have: usize| {
-        stream.stop(stream_code::MALFORMED);
-        ReadError::Malformed {
-            header: Some(header),
-            error: WireError::Malformed {
-                what: "message",
-                why: format!("stream carries more than the {want} bytes announced ({have})"),
-            },
-        }
-    };
-    if buf.len() > want {
-        let have = buf.len();
-        return Err(too_long(stream, header, have));
-    }
-    // The common case: the whole payload came in the first chunk; no copy.
-    let mut payload: Option<BytesMut> = None;
-    let mut have = buf.len();
-    loop {
-        match stream.read_chunk().await {
-            Ok(Some(chunk)) => {
-                have += chunk.len();
-                if have > want {
-                    return Err(too_long(stream, header, have));
-                }
-                let p = payload.get_or_insert_with(|| {
-                    let mut p = BytesMut::with_capacity(want);
-                    p.extend_from_slice(&buf);
-                    p
-                });
-                p.extend_from_slice(&chunk);
-            }
-            Ok(None) => break,
-            Err(error) => {
-                return Err(ReadError::Transport {
-                    header: Some(header),
-                    error,
-                })
-            }
-        }
-    }
-    if have < want {
-        return Err(ReadError::Malformed {
-            header: Some(header),
-            error: WireError::Truncated { have, want },
-        });
-    }
-    let payload = match payload {
-        Some(p) => p.freeze(),
-        None => buf,
-    };
-    Ok(ReadMessage { header, payload })
+    read_message_into(stream, MessageAssembler::new(*limits)).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,10 @@ mod envelope;
 mod frame;
 
 pub use codec::{encode_frame, FrameDecoder, WireError};
-pub use envelope::{encode_header, read_message, Dest, EnvelopeHeader, ReadError, ReadMessage};
+pub use envelope::{
+    encode_header, read_message, read_message_into, Dest, EnvelopeHeader, MessageAssembler,
+    ReadError, ReadMessage,
+};
 pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
 
 /// Size limits enforced on input from the network.
