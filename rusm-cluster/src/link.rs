@@ -112,17 +112,19 @@ async fn send_message<C: Connection>(
     link.streams.fetch_add(1, Ordering::Relaxed);
     // Numbered only once the stream exists, so a send cancelled while waiting for stream credit
     // leaves no gap; from here on, the guard reports the number lost unless the write finishes.
-    let seq = link.next_seq(from, &to);
-    let mut lost = LostGuard {
-        link,
-        notice: Some((from, to.clone(), seq)),
-    };
-    let header = encode_header(&EnvelopeHeader {
+    let (seq, to) = link.next_seq(from, to);
+    let header = EnvelopeHeader {
         to,
         from,
         seq,
         len: payload.len() as u64,
-    });
+    };
+    let encoded = encode_header(&header);
+    let mut lost = LostGuard {
+        link,
+        notice: Some(header),
+    };
+    let header = encoded;
     let write = if payload.len() <= COALESCE_MAX {
         // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
         // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
@@ -172,13 +174,17 @@ async fn send_message<C: Connection>(
 /// Tells the peer a numbered message will never arrive whole, unless disarmed.
 struct LostGuard<'a> {
     link: &'a LinkHandle,
-    notice: Option<(Option<u64>, Dest, u64)>,
+    notice: Option<EnvelopeHeader>,
 }
 
 impl Drop for LostGuard<'_> {
     fn drop(&mut self) {
-        if let Some((from, to, seq)) = self.notice.take() {
-            let _ = self.link.control.send(Frame::Lost { from, to, seq });
+        if let Some(h) = self.notice.take() {
+            let _ = self.link.control.send(Frame::Lost {
+                from: h.from,
+                to: h.to,
+                seq: h.seq,
+            });
         }
     }
 }
@@ -252,12 +258,16 @@ impl LinkHandle {
         (!self.closing_flag.load(Ordering::SeqCst)).then_some(active)
     }
 
-    fn next_seq(&self, from: Option<u64>, to: &Dest) -> u64 {
+    fn next_seq(&self, from: Option<u64>, to: Dest) -> (u64, Dest) {
         let mut seqs = lock(&self.seqs);
-        let key = (from, to.clone());
-        let next = seqs.get(&key).map_or(1, |s| s + 1);
-        seqs.insert(key, next);
-        next
+        let key = (from, to);
+        if let Some(s) = seqs.get_mut(&key) {
+            *s += 1;
+            return (*s, key.1);
+        }
+        // The pair's first message: the only time the destination is copied.
+        seqs.insert(key.clone(), 1);
+        (1, key.1)
     }
 
     /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the

@@ -1,6 +1,12 @@
 //! The message envelope: one uni-stream carries one message, laid out as a `u16` big-endian
-//! header length, the [`EnvelopeHeader`] as MessagePack, then the payload bytes as they are (the
-//! payload is never serialized or copied on the way in or out when it arrives in one chunk).
+//! header length, the [`EnvelopeHeader`] in a small fixed binary layout, then the payload bytes as
+//! they are (the payload is never serialized, nor copied when it arrives in one chunk).
+//!
+//! Header layout (all integers big-endian): a flags byte (bit 0: `from` present, bit 1: the
+//! destination is a name; other bits must be 0), `seq: u64`, `len: u64`, then `from: u64` if
+//! present, then the destination: `id: u64, creation: u64` for a pid, or the name's UTF-8 bytes to
+//! the end of the header. This is the hot path, so it is written by hand rather than through
+//! MessagePack (which the control frames use); it is bounded by `max_header_size` like any input.
 //!
 //! The header names the destination, the sending process, the message's number in its
 //! (sender, destination) pair — which lets the receiver restore per-pair order although each
@@ -41,18 +47,83 @@ pub struct EnvelopeHeader {
     pub len: u64,
 }
 
+const FLAG_FROM: u8 = 1;
+const FLAG_NAME: u8 = 2;
+
 /// Encodes the length-prefixed header (the payload follows it on the stream).
 pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
-    let mut out = BytesMut::with_capacity(32);
+    let name_len = match &header.to {
+        Dest::Name(n) => n.len(),
+        Dest::Pid { .. } => 16,
+    };
+    let mut out = BytesMut::with_capacity(2 + 1 + 16 + 8 + name_len);
     out.put_u16(0);
-    let mut w = (&mut out).writer();
-    // Writing into a BytesMut cannot fail, and every header field is plainly serializable.
-    if rmp_serde::encode::write(&mut w, header).is_err() {
-        unreachable!("encoding a header into memory cannot fail");
+    let mut flags = 0;
+    if header.from.is_some() {
+        flags |= FLAG_FROM;
     }
-    let len = (out.len() - 2) as u16;
+    if matches!(header.to, Dest::Name(_)) {
+        flags |= FLAG_NAME;
+    }
+    out.put_u8(flags);
+    out.put_u64(header.seq);
+    out.put_u64(header.len);
+    if let Some(from) = header.from {
+        out.put_u64(from);
+    }
+    match &header.to {
+        Dest::Pid { id, creation } => {
+            out.put_u64(*id);
+            out.put_u64(*creation);
+        }
+        Dest::Name(n) => out.put_slice(n.as_bytes()),
+    }
+    // A name long enough to overflow the u16 prefix is refused by every receiver (their
+    // `max_header_size` is far below it); saturate rather than wrap.
+    let len = u16::try_from(out.len() - 2).unwrap_or(u16::MAX);
     out[..2].copy_from_slice(&len.to_be_bytes());
     out.freeze()
+}
+
+/// Decodes a header (without its length prefix). Never panics on any input.
+pub fn decode_header(mut b: &[u8]) -> Result<EnvelopeHeader, String> {
+    use bytes::Buf;
+    let need = |b: &[u8], n: usize| {
+        if b.len() < n {
+            Err(format!(
+                "header ends early ({} bytes left, {n} needed)",
+                b.len()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    need(b, 17)?;
+    let flags = b.get_u8();
+    if flags & !(FLAG_FROM | FLAG_NAME) != 0 {
+        return Err(format!("unknown header flags {flags:#04x}"));
+    }
+    let seq = b.get_u64();
+    let len = b.get_u64();
+    let from = if flags & FLAG_FROM != 0 {
+        need(b, 8)?;
+        Some(b.get_u64())
+    } else {
+        None
+    };
+    let to = if flags & FLAG_NAME != 0 {
+        let name = std::str::from_utf8(b).map_err(|e| format!("name is not UTF-8: {e}"))?;
+        Dest::Name(name.to_string())
+    } else {
+        need(b, 16)?;
+        let id = b.get_u64();
+        let creation = b.get_u64();
+        if !b.is_empty() {
+            return Err(format!("{} stray bytes after the header", b.len()));
+        }
+        Dest::Pid { id, creation }
+    };
+    Ok(EnvelopeHeader { to, from, seq, len })
 }
 
 /// A message read whole from its stream.
@@ -183,14 +254,13 @@ impl MessageAssembler {
             self.pending.extend_from_slice(&data);
             return Ok(());
         }
-        let header: EnvelopeHeader =
-            rmp_serde::from_slice(&data[2..2 + hlen]).map_err(|e| ReadError::Malformed {
-                header: None,
-                error: WireError::Malformed {
-                    what: "message header",
-                    why: e.to_string(),
-                },
-            })?;
+        let header = decode_header(&data[2..2 + hlen]).map_err(|why| ReadError::Malformed {
+            header: None,
+            error: WireError::Malformed {
+                what: "message header",
+                why,
+            },
+        })?;
         if header.len > self.limits.max_message_size as u64 {
             return Err(ReadError::TooLarge {
                 header,
@@ -350,6 +420,43 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    #[test]
+    fn headers_round_trip_and_garbage_never_panics() {
+        for h in [
+            header(5),
+            EnvelopeHeader {
+                to: Dest::Pid {
+                    id: u64::MAX,
+                    creation: 7,
+                },
+                from: None,
+                seq: 1,
+                len: 0,
+            },
+        ] {
+            let wire = encode_header(&h);
+            assert_eq!(
+                u16::from_be_bytes([wire[0], wire[1]]) as usize,
+                wire.len() - 2
+            );
+            assert_eq!(decode_header(&wire[2..]), Ok(h));
+        }
+        assert!(decode_header(&[0x80; 40]).is_err(), "unknown flags");
+        assert!(decode_header(&[0; 50]).is_err(), "stray bytes after a pid");
+        let mut x: u64 = 0x2545f4914f6cdd1d;
+        for n in 0..4000 {
+            let bytes: Vec<u8> = (0..n % 60)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode_header(&bytes);
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@ mod frame;
 
 pub use codec::{encode_frame, FrameDecoder, WireError};
 pub use envelope::{
-    encode_header, read_message, read_message_into, Dest, EnvelopeHeader, MessageAssembler,
-    ReadError, ReadMessage,
+    decode_header, encode_header, read_message, read_message_into, Dest, EnvelopeHeader,
+    MessageAssembler, ReadError, ReadMessage,
 };
 pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
 
