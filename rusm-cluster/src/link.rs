@@ -195,7 +195,7 @@ struct ActiveSend<'a>(&'a LinkHandle);
 impl Drop for ActiveSend<'_> {
     fn drop(&mut self) {
         if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.closing_flag.load(Ordering::SeqCst)
+            && self.0.closing.load(Ordering::SeqCst)
         {
             self.0.idle.notify_waiters();
         }
@@ -217,9 +217,8 @@ pub(crate) struct LinkHandle {
     received: AtomicU64,
     node: Weak<NodeInner>,
     in_progress: AtomicUsize,
-    closing_flag: AtomicBool,
+    closing: AtomicBool,
     idle: Notify,
-    closing: Mutex<Option<String>>,
     finished: Notify,
     is_finished: AtomicBool,
 }
@@ -255,7 +254,7 @@ impl LinkHandle {
         // two always sees the other.
         self.in_progress.fetch_add(1, Ordering::SeqCst);
         let active = ActiveSend(self);
-        (!self.closing_flag.load(Ordering::SeqCst)).then_some(active)
+        (!self.closing.load(Ordering::SeqCst)).then_some(active)
     }
 
     fn next_seq(&self, from: Option<u64>, to: Dest) -> (u64, Dest) {
@@ -273,12 +272,13 @@ impl LinkHandle {
     /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the
     /// peer how many streams to expect, and the peer closes once it has read them all.
     pub(crate) async fn goodbye(&self, reason: &str) {
-        *lock(&self.closing) = Some(reason.to_string());
+        // Flag first, then count (see `begin_send`); the flag also tells the teardown that this
+        // side closed on purpose.
+        self.closing.store(true, Ordering::SeqCst);
         let finished = self.finished.notified();
         if self.is_finished.load(Ordering::Acquire) {
             return;
         }
-        self.closing_flag.store(true, Ordering::SeqCst);
         let drained = async {
             loop {
                 let idle = self.idle.notified();
@@ -357,13 +357,32 @@ fn hello_peers(inner: &NodeInner) -> Vec<PeerAddr> {
         .collect()
 }
 
+/// How a dial that did not fail ended.
+pub(crate) enum Dialled {
+    /// A link to the peer is up (ours, or one that came up meanwhile).
+    Up,
+    /// The peer refused our dial because its own dial to us wins the tie-break: that link is
+    /// (or is about to be) up.
+    PeerDialWins,
+}
+
+/// A dial refused as a duplicate link is not an error (see [`Dialled::PeerDialWins`]).
+fn dial_failed(peer: &NodeName, e: TransportError) -> Result<Dialled, Error> {
+    match e {
+        TransportError::ClosedByPeer { code, .. } if code == u64::from(close_code::DUPLICATE) => {
+            Ok(Dialled::PeerDialWins)
+        }
+        e => Err(linking_error(peer, e)),
+    }
+}
+
 /// Dials `peer` at `addr` and brings the link up.
 pub(crate) async fn dial<T: Transport>(
     node: Node,
     transport: Arc<T>,
     peer: NodeName,
     addr: SocketAddr,
-) -> Result<(), Error> {
+) -> Result<Dialled, Error> {
     let inner = &node.inner;
     let server_name = tls::server_name_for(&inner.identity, &peer);
     let conn = transport
@@ -395,6 +414,10 @@ pub(crate) async fn dial<T: Transport>(
     };
     let welcome = match read_frame(&mut recv, &mut dec).await {
         FrameRead::Frame(Frame::Welcome(w)) => w,
+        FrameRead::Frame(Frame::Reject(RejectReason::DuplicateLink)) => {
+            conn.close(close_code::DUPLICATE, b"duplicate link");
+            return Ok(Dialled::PeerDialWins);
+        }
         FrameRead::Frame(Frame::Reject(reason)) => {
             conn.close(close_code::REJECTED, b"rejected");
             return Err(Error::Rejected {
@@ -410,12 +433,9 @@ pub(crate) async fn dial<T: Transport>(
             inner.stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
             return Err(reject(&conn, RejectReason::BadHandshake(e.to_string())));
         }
-        FrameRead::Transport(e) => return Err(linking_error(&peer, e)),
-        FrameRead::Eof => {
-            // The listener closed the stream; its close reason says why.
-            let why = conn.closed().await;
-            return Err(linking_error(&peer, why));
-        }
+        FrameRead::Transport(e) => return dial_failed(&peer, e),
+        // The listener closed the stream; its close says why.
+        FrameRead::Eof => return dial_failed(&peer, conn.closed().await),
     };
     if let Err(reason) = check_welcome(
         &welcome,
@@ -433,7 +453,7 @@ pub(crate) async fn dial<T: Transport>(
         } else if links.up.contains_key(&peer) {
             // The peer's dial to us came up meanwhile; keep that one.
             conn.close(close_code::DUPLICATE, b"duplicate link");
-            return Ok(());
+            return Ok(Dialled::Up);
         } else {
             Some(register(
                 &node,
@@ -451,7 +471,7 @@ pub(crate) async fn dial<T: Transport>(
     };
     announce_up(inner, &link);
     tokio::spawn(run_link(node.clone(), link, conn, send, recv, dec, rx));
-    Ok(())
+    Ok(Dialled::Up)
 }
 
 /// Creates the handle of a new link and records it as up (the caller holds the links lock).
@@ -478,9 +498,8 @@ fn register<C: Connection>(
         received: AtomicU64::new(0),
         node: Arc::downgrade(&node.inner),
         in_progress: AtomicUsize::new(0),
-        closing_flag: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         idle: Notify::new(),
-        closing: Mutex::new(None),
         finished: Notify::new(),
         is_finished: AtomicBool::new(false),
     });
@@ -634,7 +653,11 @@ async fn refuse<C: Connection>(
             let _ = tokio::time::timeout(DRAIN, conn.closed()).await;
         }
     }
-    conn.close(close_code::REJECTED, reason.to_string().as_bytes());
+    let code = match reason {
+        RejectReason::DuplicateLink => close_code::DUPLICATE,
+        _ => close_code::REJECTED,
+    };
+    conn.close(code, reason.to_string().as_bytes());
 }
 
 fn down_from(e: TransportError) -> DownReason {
@@ -688,9 +711,10 @@ async fn run_link<C: Connection>(
         }
     };
     // Teardown.
-    let reason = match lock(&link.closing).take() {
-        Some(_) => DownReason::Shutdown,
-        None => reason,
+    let reason = if link.closing.load(Ordering::SeqCst) {
+        DownReason::Shutdown
+    } else {
+        reason
     };
     let code = match &reason {
         DownReason::ProtocolViolation(_) => close_code::PROTOCOL,

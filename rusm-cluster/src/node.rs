@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, SendError};
-use crate::link::{self, LinkHandle};
+use crate::link::{self, Dialled, LinkHandle};
 use crate::pid::Pid;
 use crate::process::{Mailbox, Process};
 use crate::stats::{NodeStats, Stats};
@@ -136,7 +136,7 @@ pub(crate) trait Dialer: Send + Sync {
         node: Node,
         peer: NodeName,
         addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Dialled, Error>> + Send>>;
     fn close(&self);
 }
 
@@ -148,7 +148,7 @@ impl<T: Transport> Dialer for TypedDialer<T> {
         node: Node,
         peer: NodeName,
         addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Dialled, Error>> + Send>> {
         Box::pin(link::dial(node, self.0.clone(), peer, addr))
     }
     fn close(&self) {
@@ -525,14 +525,9 @@ impl Node {
         .await;
         lock(&self.inner.links).dialling.remove(&peer);
         match res {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(Error::Rejected { reason, .. }))
-                if reason == rusm_cluster_core::wire::RejectReason::DuplicateLink.to_string() =>
-            {
-                // The peer's own dial to us won the tie-break: that link is (or is about to
-                // be) up.
-                self.wait_for_link(&peer, &mut events).await
-            }
+            Ok(Ok(Dialled::Up)) => Ok(()),
+            // The peer's own dial to us won the tie-break: that link is (or is about to be) up.
+            Ok(Ok(Dialled::PeerDialWins)) => self.wait_for_link(&peer, &mut events).await,
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::Timeout {
                 what: format!("connecting to {peer} at {addr}"),
