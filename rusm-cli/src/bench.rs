@@ -107,6 +107,15 @@ struct Row {
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.repeat >= 1, "--repeat must be at least 1");
     ensure!(args.receivers >= 1, "--receivers must be at least 1");
+    if args.only_cluster_throughput {
+        if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
+            cluster_only::<QuinnTransport>(&args).await?;
+        }
+        if matches!(args.backend, BackendChoice::S2n | BackendChoice::Both) {
+            cluster_only::<S2nTransport>(&args).await?;
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
         rows.push(bench_backend::<QuinnTransport>(&args).await?);
@@ -163,6 +172,19 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--only-cluster-throughput`: our throughput alone, one line per run (for profiling).
+async fn cluster_only<T: Transport>(args: &BenchArgs) -> Result<()> {
+    let ca = ClusterCa::generate("bench")?;
+    for _ in 0..args.repeat {
+        let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
+        println!(
+            "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
+            T::NAME
+        );
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -178,16 +200,6 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
     let (mut ours, mut raws, mut p50s, mut p99s, mut raw_p50s, mut raw_p99s) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut raw_concs = vec![];
-    if args.only_cluster_throughput {
-        for _ in 0..args.repeat {
-            let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
-            eprintln!(
-                "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
-                T::NAME
-            );
-        }
-        bail!("--only-cluster-throughput prints no table");
-    }
     let mut last = (0, 0);
     for _ in 0..args.repeat {
         let raw = raw_throughput::<T>(&ca, args, false).await?;
@@ -266,16 +278,8 @@ async fn cluster_throughput<T: Transport>(
         a.send_to(to, payload.clone()).await?;
         sent += 1;
     }
-    let send_done = start.elapsed();
-    let at_send_done = received.load(Ordering::Relaxed);
     wait_count(&received, sent).await?;
     let elapsed = start.elapsed();
-    if std::env::var_os("RUSM_BENCH_DEBUG").is_some() {
-        eprintln!(
-            "{}: sending {sent} took {send_done:?} ({at_send_done} received by then), all received after {elapsed:?}",
-            T::NAME
-        );
-    }
     let got = received.load(Ordering::Relaxed);
     a.shutdown().await;
     b.shutdown().await;

@@ -82,6 +82,13 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// A [`TransportError::Setup`] from whatever a backend's builder reported.
+    pub fn setup(reason: impl std::fmt::Display) -> Self {
+        TransportError::Setup {
+            reason: reason.to_string(),
+        }
+    }
+
     /// Whether this error means the whole connection is gone (as opposed to one stream).
     pub fn is_connection_error(&self) -> bool {
         !matches!(

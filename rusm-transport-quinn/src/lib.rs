@@ -73,12 +73,6 @@ fn udp_socket(addr: SocketAddr, tuning: &TransportTuning) -> std::io::Result<std
     Ok(socket.into())
 }
 
-fn setup(e: impl std::fmt::Display) -> TransportError {
-    TransportError::Setup {
-        reason: e.to_string(),
-    }
-}
-
 impl core::Transport for QuinnTransport {
     type Connection = QuinnConnection;
     type Incoming = Pin<Box<dyn Future<Output = Result<QuinnConnection, TransportError>> + Send>>;
@@ -86,17 +80,19 @@ impl core::Transport for QuinnTransport {
 
     fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
         let transport = transport_config(&config.tuning)?;
-        let server_tls = tls::server_config(&config.identity, &config.trust).map_err(setup)?;
-        let client_tls = tls::client_config(&config.identity, &config.trust).map_err(setup)?;
+        let server_tls =
+            tls::server_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+        let client_tls =
+            tls::client_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            QuicServerConfig::try_from(server_tls).map_err(setup)?,
+            QuicServerConfig::try_from(server_tls).map_err(TransportError::setup)?,
         ));
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(Arc::new(
-            QuicClientConfig::try_from(client_tls).map_err(setup)?,
+            QuicClientConfig::try_from(client_tls).map_err(TransportError::setup)?,
         ));
         client.transport_config(transport);
-        let socket = udp_socket(config.listen, &config.tuning).map_err(setup)?;
+        let socket = udp_socket(config.listen, &config.tuning).map_err(TransportError::setup)?;
         let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Setup {
             reason: "no async runtime found (call inside tokio)".into(),
         })?;
@@ -106,13 +102,13 @@ impl core::Transport for QuinnTransport {
             socket,
             runtime,
         )
-        .map_err(setup)?;
+        .map_err(TransportError::setup)?;
         endpoint.set_default_client_config(client);
         Ok(QuinnTransport { endpoint })
     }
 
     fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.endpoint.local_addr().map_err(setup)
+        self.endpoint.local_addr().map_err(TransportError::setup)
     }
 
     async fn connect(

@@ -139,12 +139,6 @@ fn limits(t: &TransportTuning) -> Result<Limits, TransportError> {
         .map_err(bad("keep_alive_interval"))
 }
 
-fn setup(e: impl fmt::Display) -> TransportError {
-    TransportError::Setup {
-        reason: e.to_string(),
-    }
-}
-
 impl core::Transport for S2nTransport {
     type Connection = S2nConnection;
     /// s2n-quic's server yields connections whose handshake is already done, so this future is
@@ -155,8 +149,10 @@ impl core::Transport for S2nTransport {
 
     fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
         let limits = limits(&config.tuning)?;
-        let server_tls = tls::server_config(&config.identity, &config.trust).map_err(setup)?;
-        let client_tls = tls::client_config(&config.identity, &config.trust).map_err(setup)?;
+        let server_tls =
+            tls::server_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+        let client_tls =
+            tls::client_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
 
         // Each endpoint gets its own slot: the subscriber and the formatter that share it must
         // run on the same endpoint task (see `ReasonFormatter`).
@@ -164,39 +160,39 @@ impl core::Transport for S2nTransport {
         let (refused_tx, refused) = mpsc::channel(REFUSED_BACKLOG);
         let server = s2n_quic::Server::builder()
             .with_tls(s2n_rustls::Server::from(server_tls))
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_io(io(config.listen, &config.tuning)?)
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_limits(limits)
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_event(Events {
                 slot: slot.clone(),
                 refused: Some(refused_tx),
             })
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_connection_close_formatter(ReasonFormatter { slot })
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .start()
-            .map_err(setup)?;
-        let local_addr = server.local_addr().map_err(setup)?;
+            .map_err(TransportError::setup)?;
+        let local_addr = server.local_addr().map_err(TransportError::setup)?;
 
         let slot = Arc::new(CloseSlot::default());
         let client = s2n_quic::Client::builder()
             .with_tls(s2n_rustls::Client::from(client_tls))
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_io(io(SocketAddr::new(config.listen.ip(), 0), &config.tuning)?)
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_limits(limits)
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_event(Events {
                 slot: slot.clone(),
                 refused: None,
             })
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_connection_close_formatter(ReasonFormatter { slot })
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .start()
-            .map_err(setup)?;
+            .map_err(TransportError::setup)?;
 
         Ok(S2nTransport {
             listener: tokio::sync::Mutex::new(Some(Listener { server, refused })),
@@ -312,15 +308,15 @@ fn io(
 ) -> Result<s2n_quic::provider::io::tokio::Provider, TransportError> {
     let mut b = s2n_quic::provider::io::tokio::Builder::default()
         .with_receive_address(addr)
-        .map_err(setup)?;
+        .map_err(TransportError::setup)?;
     if let Some(n) = tuning.socket_buffer_bytes {
         b = b
             .with_recv_buffer_size(n)
-            .map_err(setup)?
+            .map_err(TransportError::setup)?
             .with_send_buffer_size(n)
-            .map_err(setup)?;
+            .map_err(TransportError::setup)?;
     }
-    b.build().map_err(setup)
+    b.build().map_err(TransportError::setup)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
