@@ -38,6 +38,10 @@ macro_rules! matrix {
             case!(silent_peer_is_declared_down);
             case!(half_sent_large_message_does_not_block_small_ones);
             case!(lost_notice_releases_the_pair);
+            case!(coalescing_keeps_order_and_loses_nothing);
+            case!(coalesced_goodbye_flushes_the_queue);
+            case!(several_messages_on_one_stream_are_split);
+            case!(an_endless_stream_stays_within_the_link_budget);
         }
     };
 }

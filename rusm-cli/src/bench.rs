@@ -20,7 +20,7 @@ use rusm_cluster::core::transport::{
 };
 use rusm_cluster::quinn_transport::QuinnTransport;
 use rusm_cluster::s2n_transport::S2nTransport;
-use rusm_cluster::{ClusterCa, Node, NodeBuilder};
+use rusm_cluster::{ClusterCa, Coalescing, Node, NodeBuilder, NodeConfig};
 use serde::Serialize;
 
 /// Which backend(s) to measure.
@@ -77,6 +77,10 @@ pub(crate) struct BenchArgs {
     /// Print one JSON array (an object per backend) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Turn on opt-in coalescing (queued messages to the peer share streams) for our runs; the
+    /// raw baselines are unchanged.
+    #[arg(long)]
+    coalesce: bool,
 }
 
 /// One backend's medians.
@@ -86,6 +90,7 @@ struct Row {
     runtime: RuntimeMode,
     size: usize,
     receivers: usize,
+    coalescing: bool,
     runs: usize,
     sent: u64,
     received: u64,
@@ -158,11 +163,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "{} B payloads, {} receiver(s), {:?} runtime, medians of {} run(s); every message counted \
-         ({} sent, {} received in the last run); rcvbuf = UDP receive-buffer drops seen by the \
-         kernel during the runs; peak RSS {:.0} MiB",
+        "{} B payloads, {} receiver(s), {:?} runtime, coalescing {}, medians of {} run(s); every \
+         message counted ({} sent, {} received in the last run); rcvbuf = UDP receive-buffer \
+         drops seen by the kernel during the runs; peak RSS {:.0} MiB",
         args.size,
         args.receivers,
+        if args.coalesce { "on" } else { "off" },
         args.runtime,
         args.repeat,
         rows.last().map_or(0, |r| r.sent),
@@ -222,6 +228,7 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
         runtime: args.runtime,
         size: args.size,
         receivers: args.receivers,
+        coalescing: args.coalesce,
         runs: args.repeat,
         sent: last.0,
         received: last.1,
@@ -240,11 +247,16 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
     })
 }
 
-async fn nodes<T: Transport>(ca: &ClusterCa) -> Result<(Node, Node)> {
+async fn nodes<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(Node, Node)> {
+    let mut config = NodeConfig::default();
+    if args.coalesce {
+        config.coalescing = Some(Coalescing::default());
+    }
     let start = |name: &str| -> Result<_> {
         Ok(NodeBuilder::<T>::new(name)
             .identity(ca.issue(name)?)
             .trust(ca.trust())
+            .config(config.clone())
             .start())
     };
     let a = start("sender")?.await?;
@@ -259,7 +271,7 @@ async fn cluster_throughput<T: Transport>(
     ca: &ClusterCa,
     args: &BenchArgs,
 ) -> Result<(u64, u64, f64)> {
-    let (a, b) = nodes::<T>(ca).await?;
+    let (a, b) = nodes::<T>(ca, args).await?;
     let received = Arc::new(AtomicU64::new(0));
     let mut pids = Vec::with_capacity(args.receivers);
     for _ in 0..args.receivers {
@@ -315,7 +327,7 @@ async fn wait_count(counter: &AtomicU64, want: u64) -> Result<()> {
 
 /// Ping-pong between a process on each node. Returns (p50, p99) in µs.
 async fn cluster_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
-    let (a, b) = nodes::<T>(ca).await?;
+    let (a, b) = nodes::<T>(ca, args).await?;
     let echo = b.spawn(|mut ctx| async move {
         while let Some(m) = ctx.recv().await {
             if let Some(from) = m.from().cloned() {

@@ -98,15 +98,16 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     }
 
     /// Message number `seq` of pair `key` is known lost (refused as too large, truncated): stops
-    /// waiting for it and pushes what it held back onto `out`.
-    pub fn on_lost(&mut self, key: K, seq: u64, out: &mut Vec<M>) {
+    /// waiting for it and pushes what it held back onto `out`. Returns whether this was news:
+    /// `false` when the message was already delivered, held, or known lost.
+    pub fn on_lost(&mut self, key: K, seq: u64, out: &mut Vec<M>) -> bool {
         let pair = self.pairs.entry(key).or_default();
-        if seq < pair.next || pair.held.contains_key(&seq) {
-            return;
+        if seq < pair.next || pair.held.contains_key(&seq) || !pair.lost.insert(seq) {
+            return false;
         }
-        pair.lost.insert(seq);
         let released = pair.advance(out);
         self.held -= released;
+        true
     }
 
     /// The link is gone: releases every held message, in order per pair, onto `out`, and returns
@@ -167,10 +168,18 @@ mod tests {
         r.on_message((), 1, 'a', &mut out);
         assert_eq!(r.on_message((), 3, 'c', &mut out), Placed::Held);
         assert_eq!(r.on_message((), 4, 'd', &mut out), Placed::Held);
-        r.on_lost((), 2, &mut out);
+        assert!(r.on_lost((), 2, &mut out));
         assert_eq!(out, vec!['a', 'c', 'd']);
         assert_eq!(r.held(), 0);
         assert_eq!(r.on_message((), 2, 'b', &mut out), Placed::Late);
+        // Notices for what was delivered, or already known lost, are not news.
+        assert!(!r.on_lost((), 1, &mut out));
+        assert!(!r.on_lost((), 2, &mut out));
+        assert!(!r.on_lost((), 4, &mut out));
+        assert!(r.on_message((), 6, 'f', &mut out) == Placed::Held);
+        assert!(!r.on_lost((), 6, &mut out), "a held message is not lost");
+        assert!(r.on_lost((), 7, &mut out));
+        assert!(!r.on_lost((), 7, &mut out));
     }
 
     #[test]

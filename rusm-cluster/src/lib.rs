@@ -58,7 +58,7 @@ mod stats;
 pub use error::{Error, SendError};
 #[cfg(any(feature = "quinn", feature = "s2n"))]
 pub use node::DefaultTransport;
-pub use node::{DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
+pub use node::{Coalescing, DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
 pub use pid::Pid;
 pub use process::{Message, Process};
 pub use rusm_cluster_core::identity::{

@@ -7,12 +7,13 @@
 //!
 //! Sending needs no task: the sending process opens its message's uni-stream and writes it
 //! itself (so QUIC's stream credit and flow control slow a fast sender down directly, and no
-//! message crosses a task boundary on the way out).
+//! message crosses a task boundary on the way out). With [`Coalescing`] on, senders queue
+//! instead and a third loop, the **writer**, carries what queued up on shared streams.
 //!
 //! Whichever loop ends first (connection lost, protocol violation, goodbye) ends the link; the
 //! teardown releases held-back messages, counts what was lost, and raises `NodeDown`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,15 +32,15 @@ use rusm_cluster_core::transport::{
     close_code, Connection, RecvStream, SendStream, Transport, TransportError,
 };
 use rusm_cluster_core::wire::{
-    encode_frame, encode_header, read_message_into, Dest, EnvelopeHeader, Frame, FrameDecoder,
-    Hello, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason, Welcome, WireError,
-    PROTOCOL_VERSION,
+    encode_frame, encode_header_into, encoded_header_len, Dest, EnvelopeHeader, Frame,
+    FrameDecoder, Hello, Limits, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason,
+    Welcome, WireError, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, SendError};
-use crate::node::{lock, DownReason, Node, NodeEvent, NodeInner, PeerInfo};
+use crate::node::{lock, Coalescing, DownReason, Node, NodeEvent, NodeInner, PeerInfo};
 use crate::pid::Pid;
 use crate::process::Message;
 
@@ -119,23 +120,21 @@ async fn send_message<C: Connection>(
         seq,
         len: payload.len() as u64,
     };
-    let encoded = encode_header(&header);
+    let mut buf = BytesMut::with_capacity(encoded_header_len(&header) + payload.len().min(COALESCE_MAX));
+    encode_header_into(&header, &mut buf);
     let mut lost = LostGuard {
         link,
         notice: Some(header),
     };
-    let header = encoded;
     let write = if payload.len() <= COALESCE_MAX {
         // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
         // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
-        let mut buf = BytesMut::with_capacity(header.len() + payload.len());
-        buf.extend_from_slice(&header);
         buf.extend_from_slice(&payload);
         stream.write(buf.freeze()).await
     } else {
         // A large payload is written as it is, never copied.
         stream
-            .write_all_chunks(&mut [header, payload.clone()])
+            .write_all_chunks(&mut [buf.freeze(), payload.clone()])
             .await
     };
     let written = write.and_then(|()| stream.finish());
@@ -194,12 +193,207 @@ struct ActiveSend<'a>(&'a LinkHandle);
 
 impl Drop for ActiveSend<'_> {
     fn drop(&mut self) {
-        if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.closing.load(Ordering::SeqCst)
-        {
-            self.0.idle.notify_waiters();
+        self.0.end_sends(1);
+    }
+}
+
+/// The queue of a coalescing link (see [`Coalescing`]): senders append envelopes, the writer
+/// takes whole batches, each becoming one stream.
+struct Outbox {
+    config: Coalescing,
+    state: Mutex<OutboxState>,
+    /// Wakes the writer.
+    ready: Notify,
+    /// Bytes that may still be queued; senders wait here when the queue is full.
+    space: Semaphore,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    /// Batches waiting for the writer, oldest first; the last one still takes messages.
+    batches: VecDeque<Batch>,
+    /// Messages in the batch the writer is writing.
+    writing: usize,
+    /// The link is down: nothing more is queued.
+    down: bool,
+}
+
+/// Envelopes bound for one stream: small ones copied back to back into `tail`, large payloads
+/// kept as they are between.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Bytes>,
+    tail: BytesMut,
+    bytes: usize,
+    /// Queue space the batch holds, given back once it is written.
+    charged: usize,
+    messages: usize,
+}
+
+impl Batch {
+    fn into_chunks(mut self) -> Vec<Bytes> {
+        if !self.tail.is_empty() {
+            self.chunks.push(self.tail.freeze());
+        }
+        self.chunks
+    }
+}
+
+impl Outbox {
+    fn new(config: Coalescing) -> Self {
+        let max = config
+            .max_queued_bytes
+            .clamp(1, u32::MAX as usize)
+            .min(Semaphore::MAX_PERMITS);
+        Outbox {
+            config: Coalescing {
+                max_queued_bytes: max,
+                ..config
+            },
+            state: Mutex::new(OutboxState::default()),
+            ready: Notify::new(),
+            space: Semaphore::new(max),
         }
     }
+}
+
+/// Queues one message on a coalescing link; the writer sends it.
+async fn enqueue(
+    link: &LinkHandle,
+    outbox: &Outbox,
+    from: Option<u64>,
+    to: Dest,
+    payload: Bytes,
+) -> Result<(), SendError> {
+    let not_connected = |payload| {
+        let node = link.peer.clone();
+        Err(SendError::new(Error::NotConnected { node }, payload))
+    };
+    let Some(active) = link.begin_send() else {
+        return not_connected(payload);
+    };
+    let charge = (payload.len() + 64).min(outbox.config.max_queued_bytes);
+    // Waiting for space is cancel safe: nothing is queued or numbered until it is granted.
+    let Ok(permit) = outbox.space.acquire_many(charge as u32).await else {
+        return not_connected(payload);
+    };
+    {
+        let mut state = lock(&outbox.state);
+        if state.down {
+            return not_connected(payload);
+        }
+        // Numbered under the queue's lock, so numbers follow queue order.
+        let (seq, to) = link.next_seq(from, to);
+        let header = EnvelopeHeader {
+            to,
+            from,
+            seq,
+            len: payload.len() as u64,
+        };
+        let open = state
+            .batches
+            .back()
+            .is_some_and(|b| b.bytes < outbox.config.max_stream_bytes);
+        if !open {
+            state.batches.push_back(Batch::default());
+        }
+        let batch = state.batches.back_mut().expect("a batch was just ensured");
+        let size = encoded_header_len(&header) + payload.len();
+        encode_header_into(&header, &mut batch.tail);
+        if payload.len() <= COALESCE_MAX {
+            batch.tail.extend_from_slice(&payload);
+        } else {
+            let head = batch.tail.split().freeze();
+            batch.chunks.push(head);
+            batch.chunks.push(payload);
+        }
+        batch.bytes += size;
+        batch.charged += charge;
+        batch.messages += 1;
+    }
+    // The space is given back by the writer; the send stays counted in progress until the
+    // writer is done with it, so a goodbye waits for the queue to drain.
+    permit.forget();
+    std::mem::forget(active);
+    outbox.ready.notify_one();
+    Ok(())
+}
+
+/// The writer of a coalescing link: takes each batch in turn and writes it on a stream of its
+/// own. Never returns: the reader notices a lost connection and ends the link.
+async fn write_loop<C: Connection>(node: &Node, conn: &C, link: &LinkHandle, outbox: &Outbox) {
+    let stats = &node.inner.stats;
+    loop {
+        let batch = loop {
+            let ready = outbox.ready.notified();
+            {
+                let mut state = lock(&outbox.state);
+                if let Some(batch) = state.batches.pop_front() {
+                    state.writing = batch.messages;
+                    break batch;
+                }
+            }
+            ready.await;
+        };
+        let (messages, charged) = (batch.messages, batch.charged);
+        let chunks = batch.into_chunks();
+        let written = match conn.open_uni().await {
+            Ok(mut stream) => {
+                link.streams.fetch_add(1, Ordering::Relaxed);
+                let mut out = chunks.clone();
+                stream
+                    .write_all_chunks(&mut out)
+                    .await
+                    .and_then(|()| stream.finish())
+            }
+            Err(e) => Err(e),
+        };
+        outbox.space.add_permits(charged);
+        lock(&outbox.state).writing = 0;
+        match written {
+            Ok(()) => {
+                link.sent.fetch_add(messages as u64, Ordering::Relaxed);
+                stats
+                    .messages_sent
+                    .fetch_add(messages as u64, Ordering::Relaxed);
+                link.end_sends(messages);
+            }
+            Err(e) => {
+                stats
+                    .send_failures
+                    .fetch_add(messages as u64, Ordering::Relaxed);
+                warn!(node = %node.inner.name, peer = %link.peer, error = %e, messages, "coalesced stream failed");
+                // Tell the peer which numbers will not come, so their pairs do not wait.
+                for header in batch_headers(chunks) {
+                    let _ = link.control.send(Frame::Lost {
+                        from: header.from,
+                        to: header.to,
+                        seq: header.seq,
+                    });
+                }
+                link.end_sends(messages);
+                if e.is_connection_error() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+/// The headers of the envelopes in a batch (read back only when the batch failed).
+fn batch_headers(chunks: Vec<Bytes>) -> Vec<EnvelopeHeader> {
+    let mut asm = MessageAssembler::new(Limits {
+        max_message_size: usize::MAX,
+        max_frame_size: 0,
+        max_header_size: usize::MAX,
+    });
+    let mut out = Vec::new();
+    for chunk in chunks {
+        if asm.push(chunk, &mut out).is_err() {
+            break;
+        }
+    }
+    out.into_iter().map(|m| m.header).collect()
 }
 
 /// The node's side of one link: what senders need, without the transport type.
@@ -210,6 +404,8 @@ pub(crate) struct LinkHandle {
     peer_creation: u64,
     pub(crate) peer_max_message: usize,
     sender: Box<dyn LinkSender>,
+    /// Present when the link coalesces.
+    outbox: Option<Outbox>,
     control: mpsc::UnboundedSender<Frame>,
     seqs: Mutex<HashMap<(Option<u64>, Dest), u64>>,
     streams: AtomicU64,
@@ -231,22 +427,62 @@ impl LinkHandle {
             creation: self.peer_creation,
             rtt: self.sender.rtt(),
             messages_sent: self.sent.load(Ordering::Relaxed),
+            streams_sent: self.streams.load(Ordering::Relaxed),
             messages_received: self.received.load(Ordering::Relaxed),
         }
     }
 
-    /// Sends one message on its own stream (see [`send_message`]).
+    /// Sends one message on its own stream (see [`send_message`]), or queues it when the link
+    /// coalesces (see [`enqueue`]).
     ///
     /// # Cancel safety
-    /// Cancel safe: a send dropped before its stream opened sends nothing; one dropped mid-write
-    /// is reported lost to the peer, so the pair's later messages are not held back.
+    /// Cancel safe: a send dropped before its stream opened (or before it was queued) sends
+    /// nothing; one dropped mid-write is reported lost to the peer, so the pair's later messages
+    /// are not held back.
     pub(crate) async fn send(
         &self,
         from: Option<u64>,
         to: Dest,
         payload: Bytes,
     ) -> Result<(), SendError> {
-        self.sender.send(self, from, to, payload).await
+        match &self.outbox {
+            Some(outbox) => enqueue(self, outbox, from, to, payload).await,
+            None => self.sender.send(self, from, to, payload).await,
+        }
+    }
+
+    /// `n` sends (or queued messages) are over; wakes a waiting goodbye once none are left.
+    fn end_sends(&self, n: usize) {
+        if n > 0
+            && self.in_progress.fetch_sub(n, Ordering::SeqCst) == n
+            && self.closing.load(Ordering::SeqCst)
+        {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// The link is down: fails what is still queued (counted in `send_failures`) and wakes
+    /// senders waiting for queue space, which then fail with `NotConnected`.
+    fn fail_queue(&self, inner: &NodeInner) {
+        let Some(outbox) = &self.outbox else { return };
+        let (batches, writing) = {
+            let mut state = lock(&outbox.state);
+            state.down = true;
+            (
+                std::mem::take(&mut state.batches),
+                std::mem::take(&mut state.writing),
+            )
+        };
+        outbox.space.close();
+        let failed = writing + batches.iter().map(|b| b.messages).sum::<usize>();
+        if failed > 0 {
+            inner
+                .stats
+                .send_failures
+                .fetch_add(failed as u64, Ordering::Relaxed);
+            warn!(node = %inner.name, peer = %self.peer, messages = failed, "queued messages lost with the link");
+            self.end_sends(failed);
+        }
     }
 
     fn begin_send(&self) -> Option<ActiveSend<'_>> {
@@ -491,6 +727,7 @@ fn register<C: Connection>(
         peer_creation: creation,
         peer_max_message: usize::try_from(max_message).unwrap_or(usize::MAX),
         sender: Box::new(TypedSender(conn.clone())),
+        outbox: node.inner.config.coalescing.map(Outbox::new),
         control,
         seqs: Mutex::new(HashMap::new()),
         streams: AtomicU64::new(0),
@@ -705,9 +942,16 @@ async fn run_link<C: Connection>(
             &goodbye_tx,
             &lost_tx,
         );
+        let writer = async {
+            match &link.outbox {
+                Some(outbox) => write_loop(&node, &conn, &link, outbox).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = reader => r,
             r = control => r,
+            () = writer => unreachable!("the writer never returns"),
         }
     };
     // Teardown.
@@ -721,6 +965,7 @@ async fn run_link<C: Connection>(
         _ => close_code::NORMAL,
     };
     conn.close(code, reason.to_string().as_bytes());
+    link.fail_queue(inner);
     {
         let mut links = lock(&inner.links);
         if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
@@ -747,70 +992,102 @@ async fn run_link<C: Connection>(
     link.finished.notify_waiters();
 }
 
-/// Reads what a stream already holds without waiting: most small messages are complete by
-/// the time their stream is accepted, and this spares them a slot among the streams in flight.
-fn read_now<R: RecvStream>(mut stream: R, mut asm: MessageAssembler) -> ReadNow<R> {
+/// Payload bytes [`read_now`] takes from one stream before it lets the link deliver them: a
+/// stream of coalesced messages is read in turns, so the link's budget bounds it like any other.
+const READ_TURN: usize = 64 << 10;
+
+/// Reads what a stream already holds without waiting, pushing its messages onto `got`: most
+/// small messages are complete by the time their stream is accepted, and this spares them a
+/// slot among the streams in flight.
+fn read_now<R: RecvStream>(
+    mut stream: R,
+    mut asm: MessageAssembler,
+    got: &mut Vec<ReadMessage>,
+) -> StreamEnd<R> {
+    let mut taken = 0;
     loop {
         // Dropping a pending `read_chunk` loses nothing (it is cancel safe).
         match stream.read_chunk().now_or_never() {
             Some(Ok(Some(chunk))) => {
-                if let Err(e) = asm.push(chunk) {
+                taken += chunk.len();
+                if let Err(e) = asm.push(chunk, got) {
                     if let Some(code) = e.stop_code() {
                         stream.stop(code);
                     }
-                    return ReadNow::Done(Err(e));
+                    return StreamEnd::Done(Err(e));
+                }
+                if taken >= READ_TURN {
+                    return StreamEnd::More(stream, asm);
                 }
             }
-            Some(Ok(None)) => return ReadNow::Done(asm.finish()),
-            Some(Err(e)) => return ReadNow::Done(Err(asm.failed(e))),
-            None => return ReadNow::Wait(stream, asm),
+            Some(Ok(None)) => return StreamEnd::Done(asm.finish()),
+            Some(Err(e)) => return StreamEnd::Done(Err(asm.failed(e))),
+            None => return StreamEnd::More(stream, asm),
         }
     }
 }
 
-/// What [`read_now`] got: the message (or why not), or the stream and what was read so far
-/// when it must wait for more.
-enum ReadNow<R> {
-    Done(Result<ReadMessage, ReadError>),
-    Wait(R, MessageAssembler),
+/// Where a stream stands after a read: ended (well, or with why its last message is lost), or
+/// with more to read.
+enum StreamEnd<R> {
+    Done(Result<(), ReadError>),
+    More(R, MessageAssembler),
 }
 
-/// Reads the rest of a message stream.
-async fn read_rest<R: RecvStream>(
+/// Waits for the next messages of a stream (or its end), then takes what else it holds.
+async fn read_more<R: RecvStream>(
     mut stream: R,
-    asm: MessageAssembler,
-) -> Result<ReadMessage, ReadError> {
-    read_message_into(&mut stream, asm).await
+    mut asm: MessageAssembler,
+) -> (Vec<ReadMessage>, StreamEnd<R>) {
+    let mut got = Vec::new();
+    loop {
+        match stream.read_chunk().await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = asm.push(chunk, &mut got) {
+                    if let Some(code) = e.stop_code() {
+                        stream.stop(code);
+                    }
+                    return (got, StreamEnd::Done(Err(e)));
+                }
+                if !got.is_empty() {
+                    let end = read_now(stream, asm, &mut got);
+                    return (got, end);
+                }
+            }
+            Ok(None) => return (got, StreamEnd::Done(asm.finish())),
+            Err(e) => return (got, StreamEnd::Done(Err(asm.failed(e)))),
+        }
+    }
 }
 
-/// Puts a read message (or a refused one) through the reorder buffer into `out`.
+/// Puts read messages through the reorder buffer into `out`, and accounts for a stream that
+/// ended badly.
 fn place(
     node: &Node,
     link: &LinkHandle,
     reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
-    res: Result<ReadMessage, ReadError>,
+    got: &mut Vec<ReadMessage>,
+    end: Option<ReadError>,
     out: &mut Vec<ReadMessage>,
 ) {
     let stats = &node.inner.stats;
-    match res {
-        Ok(msg) => {
-            let h: &EnvelopeHeader = &msg.header;
-            let (key, seq) = ((h.from, h.to.clone()), h.seq);
-            if reorder.on_message(key, seq, msg, out) == Placed::Late {
-                stats.lost_messages.fetch_add(1, Ordering::Relaxed);
-            }
+    for msg in got.drain(..) {
+        let h: &EnvelopeHeader = &msg.header;
+        let (key, seq) = ((h.from, h.to.clone()), h.seq);
+        if reorder.on_message(key, seq, msg, out) == Placed::Late {
+            stats.lost_messages.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e) => {
-            match &e {
-                ReadError::TooLarge { .. } => &stats.oversized_messages,
-                ReadError::Malformed { .. } => &stats.malformed_messages,
-                _ => &stats.lost_messages,
-            }
-            .fetch_add(1, Ordering::Relaxed);
-            warn!(node = %node.inner.name, peer = %link.peer, error = %e, "message refused");
-            if let Some(h) = e.header() {
-                reorder.on_lost((h.from, h.to.clone()), h.seq, out);
-            }
+    }
+    if let Some(e) = end {
+        match &e {
+            ReadError::TooLarge { .. } => &stats.oversized_messages,
+            ReadError::Malformed { .. } => &stats.malformed_messages,
+            _ => &stats.lost_messages,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        warn!(node = %node.inner.name, peer = %link.peer, error = %e, "message refused");
+        if let Some(h) = e.header() {
+            reorder.on_lost((h.from, h.to.clone()), h.seq, out);
         }
     }
 }
@@ -830,6 +1107,7 @@ async fn read_loop<C: Connection>(
     let mut inflight = FuturesUnordered::new();
     let mut accepted: u64 = 0;
     let mut goodbye_open = true;
+    let mut got = Vec::new();
     let mut out = Vec::new();
     loop {
         if let Some((reason, streams)) = &*goodbye.borrow() {
@@ -837,17 +1115,15 @@ async fn read_loop<C: Connection>(
                 return DownReason::Goodbye(reason.clone());
             }
         }
-        tokio::select! {
-            Some(res) = inflight.next(), if !inflight.is_empty() => {
-                place(node, link, reorder, res, &mut out);
+        let end = tokio::select! {
+            Some((mut read, end)) = inflight.next(), if !inflight.is_empty() => {
+                std::mem::swap(&mut got, &mut read);
+                end
             }
             r = conn.accept_uni(), if inflight.len() < MAX_READS => match r {
                 Ok(Some(stream)) => {
                     accepted += 1;
-                    match read_now(stream, MessageAssembler::new(limits)) {
-                        ReadNow::Done(res) => place(node, link, reorder, res, &mut out),
-                        ReadNow::Wait(stream, asm) => inflight.push(read_rest(stream, asm)),
-                    }
+                    read_now(stream, MessageAssembler::new(limits), &mut got)
                 }
                 // Closed gracefully: the close itself says why.
                 Ok(None) => return down_from(conn.closed().await),
@@ -855,13 +1131,25 @@ async fn read_loop<C: Connection>(
             },
             changed = goodbye.changed(), if goodbye_open => {
                 goodbye_open = changed.is_ok();
+                continue;
             }
             Some((from, to, seq)) = lost.recv() => {
-                // The sender never finished this message: stop waiting for it.
-                stats.lost_messages.fetch_add(1, Ordering::Relaxed);
-                reorder.on_lost((from, to), seq, &mut out);
+                // The sender never finished this message: stop waiting for it (counted once,
+                // and only if it had not arrived after all).
+                if reorder.on_lost((from, to), seq, &mut out) {
+                    stats.lost_messages.fetch_add(1, Ordering::Relaxed);
+                }
+                StreamEnd::Done(Ok(()))
             }
-        }
+        };
+        let failed = match end {
+            StreamEnd::Done(r) => r.err(),
+            StreamEnd::More(stream, asm) => {
+                inflight.push(read_more(stream, asm));
+                None
+            }
+        };
+        place(node, link, reorder, &mut got, failed, &mut out);
         for msg in out.drain(..) {
             deliver(node, link, Some(budget), msg).await;
         }

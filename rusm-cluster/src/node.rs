@@ -49,6 +49,45 @@ pub struct NodeConfig {
     pub link_budget_bytes: usize,
     /// How long dialling plus the hello exchange may take.
     pub handshake_timeout: Duration,
+    /// Opt-in coalescing of queued messages to one peer into shared streams (off by default:
+    /// each message then travels on a stream of its own). See [`Coalescing`].
+    pub coalescing: Option<Coalescing>,
+}
+
+/// Opt-in coalescing: a link queues outgoing messages and one writer per link carries the
+/// messages that queued up while it wrote the previous stream on one stream together, up to
+/// `max_stream_bytes`. Under load this trades the one-stream-per-message wire shape (unrelated
+/// messages never wait on each other) for far fewer streams; when idle, a message still leaves
+/// at once on a stream of its own. Per-pair order holds either way.
+///
+/// A send then returns once the message is queued (it waits while `max_queued_bytes` are
+/// queued, which is the backpressure). Messages still queued when a link fails are counted in
+/// [`NodeStats::send_failures`](crate::NodeStats). A receiver reads coalesced streams whatever
+/// its own setting.
+///
+/// ```
+/// use rusm_cluster::{Coalescing, NodeConfig};
+///
+/// let mut config = NodeConfig::default();
+/// config.coalescing = Some(Coalescing::default());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Coalescing {
+    /// A stream is finished, and the next one begun, once it carries this many bytes.
+    /// Default 256 KiB.
+    pub max_stream_bytes: usize,
+    /// Bytes of messages one link may hold queued before senders wait. Default 4 MiB.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Coalescing {
+    fn default() -> Self {
+        Coalescing {
+            max_stream_bytes: 256 << 10,
+            max_queued_bytes: 4 << 20,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -59,6 +98,7 @@ impl Default for NodeConfig {
             mailbox_capacity: 1024,
             link_budget_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
+            coalescing: None,
         }
     }
 }
@@ -125,6 +165,8 @@ pub struct PeerInfo {
     pub rtt: Option<Duration>,
     /// Messages sent to it on this link.
     pub messages_sent: u64,
+    /// Message streams opened to it on this link (one per message, unless coalescing).
+    pub streams_sent: u64,
     /// Messages received from it on this link.
     pub messages_received: u64,
 }

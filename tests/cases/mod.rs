@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)]
 
+mod coalescing;
 mod faults;
 mod hostile;
 mod messaging;
@@ -10,6 +11,7 @@ mod mixed;
 mod security;
 mod streams;
 
+pub use coalescing::*;
 pub use faults::*;
 pub use hostile::*;
 pub use messaging::*;

@@ -1,6 +1,7 @@
-//! The message envelope: one uni-stream carries one message, laid out as a `u16` big-endian
-//! header length, the [`EnvelopeHeader`] in a small fixed binary layout, then the payload bytes as
-//! they are (the payload is never serialized, nor copied when it arrives in one chunk).
+//! The message envelope: a uni-stream carries one or more messages back to back (one, unless the
+//! sender coalesces), each laid out as a `u16` big-endian header length, the [`EnvelopeHeader`]
+//! in a small fixed binary layout, then the payload bytes as they are (the payload is never
+//! serialized, nor copied when it arrives in one chunk).
 //!
 //! Header layout (all integers big-endian): a flags byte (bit 0: `from` present, bit 1: the
 //! destination is a name; other bits must be 0), `seq: u64`, `len: u64`, then `from: u64` if
@@ -9,9 +10,10 @@
 //! MessagePack (which the control frames use); it is bounded by `max_header_size` like any input.
 //!
 //! The header names the destination, the sending process, the message's number in its
-//! (sender, destination) pair — which lets the receiver restore per-pair order although each
-//! message travels on its own stream — and the payload length, so an oversized message is refused
-//! from its first bytes and a truncated one is recognised.
+//! (sender, destination) pair — which lets the receiver restore per-pair order although messages
+//! travel on separate streams — and the payload length, so an oversized message is refused
+//! from its first bytes, the next envelope of a coalesced stream is found without scanning, and a
+//! truncated one is recognised.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -52,11 +54,24 @@ const FLAG_NAME: u8 = 2;
 
 /// Encodes the length-prefixed header (the payload follows it on the stream).
 pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
-    let name_len = match &header.to {
+    let mut out = BytesMut::with_capacity(encoded_header_len(header));
+    encode_header_into(header, &mut out);
+    out.freeze()
+}
+
+/// The length of `header` once encoded, its length prefix included.
+pub fn encoded_header_len(header: &EnvelopeHeader) -> usize {
+    let dest = match &header.to {
         Dest::Name(n) => n.len(),
         Dest::Pid { .. } => 16,
     };
-    let mut out = BytesMut::with_capacity(2 + 1 + 16 + 8 + name_len);
+    2 + 1 + 16 + if header.from.is_some() { 8 } else { 0 } + dest
+}
+
+/// Appends the length-prefixed header to `out` (the payload follows it on the stream).
+pub fn encode_header_into(header: &EnvelopeHeader, out: &mut BytesMut) {
+    let start = out.len();
+    out.reserve(encoded_header_len(header));
     out.put_u16(0);
     let mut flags = 0;
     if header.from.is_some() {
@@ -80,9 +95,8 @@ pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
     }
     // A name long enough to overflow the u16 prefix is refused by every receiver (their
     // `max_header_size` is far below it); saturate rather than wrap.
-    let len = u16::try_from(out.len() - 2).unwrap_or(u16::MAX);
-    out[..2].copy_from_slice(&len.to_be_bytes());
-    out.freeze()
+    let len = u16::try_from(out.len() - start - 2).unwrap_or(u16::MAX);
+    out[start..start + 2].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Decodes a header (without its length prefix). Never panics on any input.
@@ -148,7 +162,8 @@ pub enum ReadError {
         /// The limit.
         max: usize,
     },
-    /// The header or the stream's length is wrong; the stream was stopped.
+    /// A header is wrong, or the stream ended inside a message (or before any); the stream was
+    /// stopped.
     #[error("malformed message: {error}")]
     Malformed {
         /// The header, if it decoded.
@@ -190,19 +205,25 @@ impl ReadError {
     }
 }
 
-/// Reassembles one message from the chunks of its stream, sans-IO, enforcing `limits` before
-/// buffering: a header over `max_header_size` or a payload over `max_message_size` is refused
-/// from the header alone. A payload that arrives in one chunk is kept as that chunk (no copy).
+/// Splits a stream into its messages, sans-IO, enforcing `limits` before buffering: a header
+/// over `max_header_size` or a payload over `max_message_size` is refused from the header alone.
+/// A payload that arrives within one chunk is a slice of that chunk (no copy).
+///
+/// A stream carries one or more messages; one that ends inside a message, or before any, is
+/// malformed.
 #[derive(Debug)]
 pub struct MessageAssembler {
     limits: Limits,
-    /// Bytes received before the header was complete.
+    /// Header bytes received before the header was complete.
     pending: BytesMut,
+    /// The header of the message being read.
     header: Option<EnvelopeHeader>,
     want: usize,
     have: usize,
     single: Option<Bytes>,
     multi: Option<BytesMut>,
+    /// Messages completed on this stream.
+    done: u64,
 }
 
 impl MessageAssembler {
@@ -216,44 +237,76 @@ impl MessageAssembler {
             have: 0,
             single: None,
             multi: None,
+            done: 0,
         }
     }
 
-    /// The header, once it has arrived.
+    /// The header of the message being read, once it has arrived.
     pub fn header(&self) -> Option<&EnvelopeHeader> {
         self.header.as_ref()
     }
 
-    /// Feeds the next chunk of the stream. After an error, stop the stream with
-    /// [`ReadError::stop_code`] and drop the assembler.
-    pub fn push(&mut self, chunk: Bytes) -> Result<(), ReadError> {
-        if self.header.is_some() {
-            return self.push_payload(chunk);
+    /// How many whole messages the stream has yielded so far.
+    pub fn messages(&self) -> u64 {
+        self.done
+    }
+
+    /// Feeds the next chunk of the stream, pushing every message it completes onto `out`. After
+    /// an error, stop the stream with [`ReadError::stop_code`] and drop the assembler (the
+    /// messages already pushed are whole and good).
+    pub fn push(&mut self, mut chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
+        loop {
+            if self.header.is_none() {
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+                let Some(rest) = self.take_header(chunk)? else {
+                    return Ok(());
+                };
+                chunk = rest;
+            }
+            // In a message: take its payload from the chunk.
+            let take = (self.want - self.have).min(chunk.len());
+            let part = chunk.split_to(take);
+            self.add_payload(part);
+            if self.have == self.want {
+                out.push(self.complete());
+            } else {
+                return Ok(());
+            }
         }
-        let data = if self.pending.is_empty() {
-            chunk
+    }
+
+    /// Reads a header from the front of `chunk` (after what `pending` holds): the rest of the
+    /// chunk once the header is complete, `None` when the chunk ended first.
+    fn take_header(&mut self, mut chunk: Bytes) -> Result<Option<Bytes>, ReadError> {
+        let (hlen, data) = if self.pending.is_empty() && chunk.len() >= 2 {
+            let hlen = u16::from_be_bytes([chunk[0], chunk[1]]) as usize;
+            self.check_header_len(hlen)?;
+            if chunk.len() < 2 + hlen {
+                self.pending.extend_from_slice(&chunk);
+                return Ok(None);
+            }
+            let head = chunk.split_to(2 + hlen);
+            (hlen, head)
         } else {
-            self.pending.extend_from_slice(&chunk);
-            self.pending.split().freeze()
+            // The header straddles chunks: gather exactly its bytes, no more.
+            if self.pending.len() < 2 {
+                let n = (2 - self.pending.len()).min(chunk.len());
+                self.pending.extend_from_slice(&chunk.split_to(n));
+                if self.pending.len() < 2 {
+                    return Ok(None);
+                }
+            }
+            let hlen = u16::from_be_bytes([self.pending[0], self.pending[1]]) as usize;
+            self.check_header_len(hlen)?;
+            let n = (2 + hlen - self.pending.len()).min(chunk.len());
+            self.pending.extend_from_slice(&chunk.split_to(n));
+            if self.pending.len() < 2 + hlen {
+                return Ok(None);
+            }
+            (hlen, self.pending.split().freeze())
         };
-        if data.len() < 2 {
-            self.pending.extend_from_slice(&data);
-            return Ok(());
-        }
-        let hlen = u16::from_be_bytes([data[0], data[1]]) as usize;
-        if hlen > self.limits.max_header_size {
-            return Err(ReadError::Malformed {
-                header: None,
-                error: WireError::FrameTooLarge {
-                    len: hlen,
-                    max: self.limits.max_header_size,
-                },
-            });
-        }
-        if data.len() < 2 + hlen {
-            self.pending.extend_from_slice(&data);
-            return Ok(());
-        }
         let header = decode_header(&data[2..2 + hlen]).map_err(|why| ReadError::Malformed {
             header: None,
             error: WireError::Malformed {
@@ -268,52 +321,56 @@ impl MessageAssembler {
             });
         }
         self.want = header.len as usize;
+        self.have = 0;
         self.header = Some(header);
-        self.push_payload(data.slice(2 + hlen..))
+        Ok(Some(chunk))
     }
 
-    fn push_payload(&mut self, chunk: Bytes) -> Result<(), ReadError> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        self.have += chunk.len();
-        if self.have > self.want {
+    fn check_header_len(&self, hlen: usize) -> Result<(), ReadError> {
+        if hlen > self.limits.max_header_size {
             return Err(ReadError::Malformed {
-                header: self.header.clone(),
-                error: WireError::Malformed {
-                    what: "message",
-                    why: format!(
-                        "stream carries more than the {} bytes announced ({})",
-                        self.want, self.have
-                    ),
+                header: None,
+                error: WireError::FrameTooLarge {
+                    len: hlen,
+                    max: self.limits.max_header_size,
                 },
             });
-        }
-        if let Some(m) = self.multi.as_mut() {
-            m.extend_from_slice(&chunk);
-        } else if let Some(first) = self.single.take() {
-            let mut m = BytesMut::with_capacity(self.want);
-            m.extend_from_slice(&first);
-            m.extend_from_slice(&chunk);
-            self.multi = Some(m);
-        } else {
-            self.single = Some(chunk);
         }
         Ok(())
     }
 
-    /// The stream ended: the message, or why it is incomplete.
-    pub fn finish(self) -> Result<ReadMessage, ReadError> {
-        let Some(header) = self.header else {
-            return Err(ReadError::Malformed {
-                header: None,
-                error: WireError::Truncated {
-                    have: self.pending.len(),
-                    want: 2,
-                },
-            });
+    fn add_payload(&mut self, part: Bytes) {
+        if part.is_empty() {
+            return;
+        }
+        self.have += part.len();
+        if let Some(m) = self.multi.as_mut() {
+            m.extend_from_slice(&part);
+        } else if let Some(first) = self.single.take() {
+            let mut m = BytesMut::with_capacity(self.want);
+            m.extend_from_slice(&first);
+            m.extend_from_slice(&part);
+            self.multi = Some(m);
+        } else {
+            self.single = Some(part);
+        }
+    }
+
+    fn complete(&mut self) -> ReadMessage {
+        let header = self.header.take().expect("a message in progress has a header");
+        let payload = match (self.multi.take(), self.single.take()) {
+            (Some(m), _) => m.freeze(),
+            (None, Some(b)) => b,
+            (None, None) => Bytes::new(),
         };
-        if self.have < self.want {
+        self.done += 1;
+        ReadMessage { header, payload }
+    }
+
+    /// The stream ended: `Ok` when it ended between messages after at least one, else why it
+    /// is incomplete.
+    pub fn finish(self) -> Result<(), ReadError> {
+        if let Some(header) = self.header {
             return Err(ReadError::Malformed {
                 header: Some(header),
                 error: WireError::Truncated {
@@ -322,15 +379,20 @@ impl MessageAssembler {
                 },
             });
         }
-        let payload = match (self.multi, self.single) {
-            (Some(m), _) => m.freeze(),
-            (None, Some(b)) => b,
-            (None, None) => Bytes::new(),
-        };
-        Ok(ReadMessage { header, payload })
+        if !self.pending.is_empty() || self.done == 0 {
+            return Err(ReadError::Malformed {
+                header: None,
+                error: WireError::Truncated {
+                    have: self.pending.len(),
+                    want: 2,
+                },
+            });
+        }
+        Ok(())
     }
 
-    /// A failure of the stream itself, with the header if it had arrived.
+    /// A failure of the stream itself, with the header of the message in progress if it had
+    /// arrived.
     pub fn failed(&self, error: TransportError) -> ReadError {
         ReadError::Transport {
             header: self.header.clone(),
@@ -339,16 +401,18 @@ impl MessageAssembler {
     }
 }
 
-/// Reads the rest of a message from a uni-stream into `asm` (see [`MessageAssembler`]), stopping
-/// the stream when the input is refused.
-pub async fn read_message_into<R: RecvStream>(
+/// Reads a whole uni-stream into `out` (see [`MessageAssembler`]), stopping the stream when the
+/// input is refused. The messages pushed before an error are whole and good. Buffers the whole
+/// stream: a reader facing untrusted peers takes it chunk by chunk, within a memory budget.
+pub async fn read_messages_into<R: RecvStream>(
     stream: &mut R,
     mut asm: MessageAssembler,
-) -> Result<ReadMessage, ReadError> {
+    out: &mut Vec<ReadMessage>,
+) -> Result<(), ReadError> {
     loop {
         match stream.read_chunk().await {
             Ok(Some(chunk)) => {
-                if let Err(e) = asm.push(chunk) {
+                if let Err(e) = asm.push(chunk, out) {
                     if let Some(code) = e.stop_code() {
                         stream.stop(code);
                     }
@@ -361,13 +425,26 @@ pub async fn read_message_into<R: RecvStream>(
     }
 }
 
-/// Reads one message from a uni-stream, enforcing `limits` before buffering: a header over
-/// `max_header_size` or a payload over `max_message_size` stops the stream at once.
+/// Reads a uni-stream that carries exactly one message, enforcing `limits` before buffering: a
+/// header over `max_header_size` or a payload over `max_message_size` stops the stream at once,
+/// and a second message is refused as malformed.
 pub async fn read_message<R: RecvStream>(
     stream: &mut R,
     limits: &Limits,
 ) -> Result<ReadMessage, ReadError> {
-    read_message_into(stream, MessageAssembler::new(*limits)).await
+    let mut out = Vec::with_capacity(1);
+    read_messages_into(stream, MessageAssembler::new(*limits), &mut out).await?;
+    let mut messages = out.into_iter();
+    match (messages.next(), messages.next()) {
+        (Some(m), None) => Ok(m),
+        (first, _) => Err(ReadError::Malformed {
+            header: first.map(|m| m.header),
+            error: WireError::Malformed {
+                what: "message stream",
+                why: "more than one message on a stream read as one".into(),
+            },
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -411,6 +488,7 @@ mod tests {
 
     fn wire(h: &EnvelopeHeader, payload: &[u8]) -> Vec<u8> {
         let mut v = encode_header(h).to_vec();
+        assert_eq!(v.len(), encoded_header_len(h));
         v.extend_from_slice(payload);
         v
     }
@@ -488,14 +566,12 @@ mod tests {
 
     #[test]
     fn lying_lengths_are_refused() {
+        // A payload longer than announced: its tail is read as the next header, and refused.
         let long = wire(&header(3), b"abcdef");
         let mut s = Chunks::new(&long, 64);
         assert!(matches!(
             block_on(read_message(&mut s, &Limits::default())),
-            Err(ReadError::Malformed {
-                header: Some(_),
-                ..
-            })
+            Err(ReadError::Malformed { header: None, .. })
         ));
         let short = wire(&header(10), b"abc");
         let mut s = Chunks::new(&short, 2);
@@ -507,6 +583,7 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(err.header().unwrap().seq, 9, "the truncated message is named");
         let mut s = Chunks::new(&[0xff, 0xff, 1, 2, 3], 64);
         assert!(matches!(
             block_on(read_message(&mut s, &Limits::default())),
@@ -517,5 +594,86 @@ mod tests {
             block_on(read_message(&mut s, &Limits::default())),
             Err(ReadError::Malformed { header: None, .. })
         ));
+        let mut s = Chunks::new(&[], 64);
+        assert!(
+            matches!(
+                block_on(read_message(&mut s, &Limits::default())),
+                Err(ReadError::Malformed {
+                    error: WireError::Truncated { have: 0, want: 2 },
+                    ..
+                })
+            ),
+            "an empty stream carries no message"
+        );
+    }
+
+    fn numbered(seq: u64, len: usize) -> (EnvelopeHeader, Vec<u8>) {
+        let h = EnvelopeHeader {
+            to: if seq % 2 == 0 {
+                Dest::Name("greeter".into())
+            } else {
+                Dest::Pid { id: seq, creation: 1 }
+            },
+            from: (seq % 3 != 0).then_some(seq),
+            seq,
+            len: len as u64,
+        };
+        (h, (0..len).map(|i| (i as u64 + seq) as u8).collect())
+    }
+
+    #[test]
+    fn coalesced_messages_split_at_any_chunking() {
+        let mut data = BytesMut::new();
+        let mut expected = Vec::new();
+        for (seq, len) in [(1, 5), (2, 0), (3, 700), (4, 1), (5, 64)] {
+            let (h, p) = numbered(seq, len);
+            encode_header_into(&h, &mut data);
+            data.extend_from_slice(&p);
+            expected.push(ReadMessage {
+                header: h,
+                payload: Bytes::from(p),
+            });
+        }
+        for size in [1, 2, 3, 7, 64, 100_000] {
+            let mut s = Chunks::new(&data, size);
+            let mut out = Vec::new();
+            let asm = MessageAssembler::new(Limits::default());
+            block_on(read_messages_into(&mut s, asm, &mut out)).unwrap();
+            assert_eq!(out, expected, "chunk size {size}");
+        }
+        // Cut inside the last message: the first four are whole, the fifth is named as lost.
+        let cut = &data[..data.len() - 10];
+        let mut s = Chunks::new(cut, 9);
+        let mut out = Vec::new();
+        let asm = MessageAssembler::new(Limits::default());
+        let err = block_on(read_messages_into(&mut s, asm, &mut out)).unwrap_err();
+        assert_eq!(out, expected[..4]);
+        assert_eq!(err.header().map(|h| h.seq), Some(5));
+    }
+
+    #[test]
+    fn an_oversized_message_inside_a_coalesced_stream_stops_it() {
+        let limits = Limits {
+            max_message_size: 100,
+            ..Limits::default()
+        };
+        let mut data = BytesMut::new();
+        for (seq, len) in [(1, 10), (2, 101), (3, 10)] {
+            let (h, p) = numbered(seq, len);
+            encode_header_into(&h, &mut data);
+            data.extend_from_slice(&p);
+        }
+        let mut s = Chunks::new(&data, 16);
+        let mut out = Vec::new();
+        let err = block_on(read_messages_into(
+            &mut s,
+            MessageAssembler::new(limits),
+            &mut out,
+        ))
+        .unwrap_err();
+        assert_eq!(out.len(), 1);
+        assert!(matches!(err, ReadError::TooLarge { max: 100, .. }));
+        assert_eq!(err.header().unwrap().seq, 2);
+        assert_eq!(s.stopped, Some(stream_code::TOO_LARGE));
     }
 }

@@ -1,5 +1,5 @@
-//! The wire protocol: control frames on the long-lived control stream, and one message envelope
-//! per uni-stream. Every length read from the network is bounded by [`Limits`] before anything is
+//! The wire protocol: control frames on the long-lived control stream, and message envelopes on
+//! uni-streams (one per stream, or several when the sender coalesces). Every length read from the network is bounded by [`Limits`] before anything is
 //! allocated, and decoding never panics.
 
 mod codec;
@@ -8,8 +8,8 @@ mod frame;
 
 pub use codec::{encode_frame, FrameDecoder, WireError};
 pub use envelope::{
-    decode_header, encode_header, read_message, read_message_into, Dest, EnvelopeHeader,
-    MessageAssembler, ReadError, ReadMessage,
+    decode_header, encode_header, encode_header_into, encoded_header_len, read_message,
+    read_messages_into, Dest, EnvelopeHeader, MessageAssembler, ReadError, ReadMessage,
 };
 pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
 
