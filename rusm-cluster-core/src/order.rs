@@ -6,6 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 
+/// The hasher of per-link maps keyed by what peers send: foldhash's quality variant, seeded at
+/// random per map (several times faster than SipHash on these small keys, and not predictable
+/// by a peer).
+pub type PeerKeyHasher = foldhash::quality::RandomState;
+
 /// What became of a message handed to [`Reorder::on_message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placed {
@@ -54,14 +59,14 @@ impl<M> Pair<M> {
 /// The reorder buffer of one link. `K` names a pair, `M` is a message.
 #[derive(Debug)]
 pub struct Reorder<K, M> {
-    pairs: HashMap<K, Pair<M>>,
+    pairs: HashMap<K, Pair<M>, PeerKeyHasher>,
     held: usize,
 }
 
 impl<K: Hash + Eq + Clone, M> Default for Reorder<K, M> {
     fn default() -> Self {
         Reorder {
-            pairs: HashMap::new(),
+            pairs: HashMap::default(),
             held: 0,
         }
     }
@@ -78,10 +83,18 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         self.held
     }
 
+    /// The pair's state (the key is copied only for a pair's first message).
+    fn pair(&mut self, key: &K) -> &mut Pair<M> {
+        if !self.pairs.contains_key(key) {
+            self.pairs.insert(key.clone(), Pair::default());
+        }
+        self.pairs.get_mut(key).expect("inserted above")
+    }
+
     /// Message number `seq` (from 1) of pair `key` arrived: pushes onto `out` whatever can now be
     /// delivered, in order.
-    pub fn on_message(&mut self, key: K, seq: u64, msg: M, out: &mut Vec<M>) -> Placed {
-        let pair = self.pairs.entry(key).or_default();
+    pub fn on_message(&mut self, key: &K, seq: u64, msg: M, out: &mut Vec<M>) -> Placed {
+        let pair = self.pair(key);
         if seq < pair.next || pair.lost.contains(&seq) || pair.held.contains_key(&seq) {
             return Placed::Late;
         }
@@ -100,8 +113,8 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// Message number `seq` of pair `key` is known lost (refused as too large, truncated): stops
     /// waiting for it and pushes what it held back onto `out`. Returns whether this was news:
     /// `false` when the message was already delivered, held, or known lost.
-    pub fn on_lost(&mut self, key: K, seq: u64, out: &mut Vec<M>) -> bool {
-        let pair = self.pairs.entry(key).or_default();
+    pub fn on_lost(&mut self, key: &K, seq: u64, out: &mut Vec<M>) -> bool {
+        let pair = self.pair(key);
         if seq < pair.next || pair.held.contains_key(&seq) || !pair.lost.insert(seq) {
             return false;
         }
@@ -140,8 +153,8 @@ mod tests {
             let mut r = Reorder::new();
             let mut out = Vec::new();
             for &s in order {
-                r.on_message("a", s, s, &mut out);
-                r.on_message("b", 6 - s, 100 + 6 - s, &mut Vec::new());
+                r.on_message(&"a", s, s, &mut out);
+                r.on_message(&"b", 6 - s, 100 + 6 - s, &mut Vec::new());
             }
             assert_eq!(out, vec![1, 2, 3, 4, 5]);
             assert_eq!(r.held(), 0);
@@ -165,29 +178,29 @@ mod tests {
     fn a_known_loss_releases_what_waits_behind_it() {
         let mut r = Reorder::new();
         let mut out = Vec::new();
-        r.on_message((), 1, 'a', &mut out);
-        assert_eq!(r.on_message((), 3, 'c', &mut out), Placed::Held);
-        assert_eq!(r.on_message((), 4, 'd', &mut out), Placed::Held);
-        assert!(r.on_lost((), 2, &mut out));
+        r.on_message(&(), 1, 'a', &mut out);
+        assert_eq!(r.on_message(&(), 3, 'c', &mut out), Placed::Held);
+        assert_eq!(r.on_message(&(), 4, 'd', &mut out), Placed::Held);
+        assert!(r.on_lost(&(), 2, &mut out));
         assert_eq!(out, vec!['a', 'c', 'd']);
         assert_eq!(r.held(), 0);
-        assert_eq!(r.on_message((), 2, 'b', &mut out), Placed::Late);
+        assert_eq!(r.on_message(&(), 2, 'b', &mut out), Placed::Late);
         // Notices for what was delivered, or already known lost, are not news.
-        assert!(!r.on_lost((), 1, &mut out));
-        assert!(!r.on_lost((), 2, &mut out));
-        assert!(!r.on_lost((), 4, &mut out));
-        assert!(r.on_message((), 6, 'f', &mut out) == Placed::Held);
-        assert!(!r.on_lost((), 6, &mut out), "a held message is not lost");
-        assert!(r.on_lost((), 7, &mut out));
-        assert!(!r.on_lost((), 7, &mut out));
+        assert!(!r.on_lost(&(), 1, &mut out));
+        assert!(!r.on_lost(&(), 2, &mut out));
+        assert!(!r.on_lost(&(), 4, &mut out));
+        assert!(r.on_message(&(), 6, 'f', &mut out) == Placed::Held);
+        assert!(!r.on_lost(&(), 6, &mut out), "a held message is not lost");
+        assert!(r.on_lost(&(), 7, &mut out));
+        assert!(!r.on_lost(&(), 7, &mut out));
     }
 
     #[test]
     fn unrelated_pairs_never_wait_on_each_other() {
         let mut r = Reorder::new();
         let mut out = Vec::new();
-        assert_eq!(r.on_message(1, 2, "1-2", &mut out), Placed::Held);
-        assert_eq!(r.on_message(2, 1, "2-1", &mut out), Placed::Delivered(0));
+        assert_eq!(r.on_message(&1, 2, "1-2", &mut out), Placed::Held);
+        assert_eq!(r.on_message(&2, 1, "2-1", &mut out), Placed::Delivered(0));
         assert_eq!(out, vec!["2-1"]);
     }
 
@@ -195,9 +208,9 @@ mod tests {
     fn drain_releases_in_order_and_counts_gaps() {
         let mut r = Reorder::new();
         let mut out = Vec::new();
-        r.on_message((), 3, 3, &mut out);
-        r.on_message((), 6, 6, &mut out);
-        r.on_lost((), 5, &mut out);
+        r.on_message(&(), 3, 3, &mut out);
+        r.on_message(&(), 6, 6, &mut out);
+        r.on_lost(&(), 5, &mut out);
         assert!(out.is_empty());
         // Missing: 1, 2 and 4 (5 is a known loss, already counted by whoever reported it).
         assert_eq!(r.drain(&mut out), 3);
@@ -209,10 +222,10 @@ mod tests {
     fn duplicates_are_late() {
         let mut r = Reorder::new();
         let mut out = Vec::new();
-        r.on_message((), 2, 2, &mut out);
-        assert_eq!(r.on_message((), 2, 2, &mut out), Placed::Late);
-        r.on_message((), 1, 1, &mut out);
-        assert_eq!(r.on_message((), 1, 1, &mut out), Placed::Late);
+        r.on_message(&(), 2, 2, &mut out);
+        assert_eq!(r.on_message(&(), 2, 2, &mut out), Placed::Late);
+        r.on_message(&(), 1, 1, &mut out);
+        assert_eq!(r.on_message(&(), 1, 1, &mut out), Placed::Late);
         assert_eq!(out, vec![1, 2]);
     }
 }

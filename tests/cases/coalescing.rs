@@ -90,10 +90,7 @@ pub async fn coalesced_goodbye_flushes_the_queue<T: Transport>() {
     london.register("sink", &sink).unwrap();
     const N: u64 = 5_000;
     for i in 0..N {
-        paris
-            .send("london", "sink", numbered(i, 64))
-            .await
-            .unwrap();
+        paris.send("london", "sink", numbered(i, 64)).await.unwrap();
     }
     within(paris.shutdown()).await;
     for i in 0..N {

@@ -1,7 +1,7 @@
 //! The message envelope: a uni-stream carries one or more messages back to back (one, unless the
 //! sender coalesces), each laid out as a `u16` big-endian header length, the [`EnvelopeHeader`]
 //! in a small fixed binary layout, then the payload bytes as they are (the payload is never
-//! serialized, nor copied when it arrives in one chunk).
+//! serialized, and a large one is not copied when it arrives in one chunk).
 //!
 //! Header layout (all integers big-endian): a flags byte (bit 0: `from` present, bit 1: the
 //! destination is a name; other bits must be 0), `seq: u64`, `len: u64`, then `from: u64` if
@@ -205,9 +205,15 @@ impl ReadError {
     }
 }
 
+/// Payloads up to this size are copied out of the received chunk, so a message waiting in a
+/// mailbox holds its own few bytes rather than the transport's whole receive buffer (which would
+/// make a link's memory budget a fiction); larger ones that arrive within one chunk are slices of
+/// it.
+pub const COPY_MAX: usize = 4 << 10;
+
 /// Splits a stream into its messages, sans-IO, enforcing `limits` before buffering: a header
 /// over `max_header_size` or a payload over `max_message_size` is refused from the header alone.
-/// A payload that arrives within one chunk is a slice of that chunk (no copy).
+/// A payload over [`COPY_MAX`] that arrives within one chunk is a slice of that chunk (no copy).
 ///
 /// A stream carries one or more messages; one that ends inside a message, or before any, is
 /// malformed.
@@ -346,6 +352,10 @@ impl MessageAssembler {
         self.have += part.len();
         if let Some(m) = self.multi.as_mut() {
             m.extend_from_slice(&part);
+        } else if self.want <= COPY_MAX {
+            let mut m = BytesMut::with_capacity(self.want);
+            m.extend_from_slice(&part);
+            self.multi = Some(m);
         } else if let Some(first) = self.single.take() {
             let mut m = BytesMut::with_capacity(self.want);
             m.extend_from_slice(&first);
@@ -357,7 +367,10 @@ impl MessageAssembler {
     }
 
     fn complete(&mut self) -> ReadMessage {
-        let header = self.header.take().expect("a message in progress has a header");
+        let header = self
+            .header
+            .take()
+            .expect("a message in progress has a header");
         let payload = match (self.multi.take(), self.single.take()) {
             (Some(m), _) => m.freeze(),
             (None, Some(b)) => b,
@@ -583,7 +596,11 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(err.header().unwrap().seq, 9, "the truncated message is named");
+        assert_eq!(
+            err.header().unwrap().seq,
+            9,
+            "the truncated message is named"
+        );
         let mut s = Chunks::new(&[0xff, 0xff, 1, 2, 3], 64);
         assert!(matches!(
             block_on(read_message(&mut s, &Limits::default())),
@@ -609,12 +626,15 @@ mod tests {
 
     fn numbered(seq: u64, len: usize) -> (EnvelopeHeader, Vec<u8>) {
         let h = EnvelopeHeader {
-            to: if seq % 2 == 0 {
+            to: if seq.is_multiple_of(2) {
                 Dest::Name("greeter".into())
             } else {
-                Dest::Pid { id: seq, creation: 1 }
+                Dest::Pid {
+                    id: seq,
+                    creation: 1,
+                }
             },
-            from: (seq % 3 != 0).then_some(seq),
+            from: (!seq.is_multiple_of(3)).then_some(seq),
             seq,
             len: len as u64,
         };
