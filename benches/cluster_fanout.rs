@@ -8,6 +8,8 @@
 //! - Group `message_size`: K = 1, payloads of 64 B, 1 KiB and 64 KiB (`quinn/64B`, ...,
 //!   `s2n/64KiB`). Throughput is in payload bytes (`Throughput::Bytes`): `thrpt` is payload
 //!   bytes per second (time per iteration is still the time per message).
+//! - Group `coalesced_fanout`: as `cluster_fanout`, with opt-in coalescing on both nodes
+//!   (`NodeConfig::coalescing`), measured on its own.
 //!
 //! One criterion iteration is one message. Each sample sends its whole batch (`iters` messages)
 //! from a task of the sending node and stops the clock when the receivers have counted every one
@@ -61,13 +63,18 @@ struct Cluster {
 type Boot = fn(&'static str, &Runtime) -> Cluster;
 
 const BACKENDS: [(&str, Boot); 2] = [
-    ("quinn", boot::<QuinnTransport>),
-    ("s2n", boot::<S2nTransport>),
+    ("quinn", boot::<QuinnTransport, false>),
+    ("s2n", boot::<S2nTransport, false>),
 ];
 
-fn boot<T: Transport>(backend: &'static str, rt: &Runtime) -> Cluster {
+const COALESCED: [(&str, Boot); 2] = [
+    ("quinn", boot::<QuinnTransport, true>),
+    ("s2n", boot::<S2nTransport, true>),
+];
+
+fn boot<T: Transport, const COALESCE: bool>(backend: &'static str, rt: &Runtime) -> Cluster {
     rt.block_on(async {
-        let (sender, receiver) = common::pair::<T>("sender", "receiver").await;
+        let (sender, receiver) = common::pair::<T>("sender", "receiver", COALESCE).await;
         let counter = Arc::new(Counter::default());
         let pids: Arc<[Pid]> = (0..MAX_K)
             .map(|_| {
@@ -236,6 +243,22 @@ fn benches(c: &mut Criterion) {
     for cluster in clusters.into_iter().filter_map(|(_, _, cluster)| cluster) {
         cluster.finish(&rt);
     }
+
+    let mut group = c.benchmark_group("coalesced_fanout");
+    group.throughput(Throughput::Elements(1));
+    for (backend, boot) in COALESCED {
+        let mut cluster = None;
+        for k in [1, MAX_K] {
+            group.bench_function(BenchmarkId::new(backend, format!("k{k}")), |b| {
+                let cluster = cluster.get_or_insert_with(|| boot(backend, &rt));
+                b.iter_custom(|iters| cluster.batch(&rt, k, &small, iters));
+            });
+        }
+        if let Some(cluster) = cluster {
+            cluster.finish(&rt);
+        }
+    }
+    group.finish();
 }
 
 fn main() {

@@ -55,7 +55,7 @@ const BACKENDS: [(&str, Boot); 2] = [
 
 fn boot<T: Transport>(backend: &'static str, rt: &Runtime) -> Pair {
     rt.block_on(async {
-        let (a, b) = common::pair::<T>("ping", "echo").await;
+        let (a, b) = common::pair::<T>("ping", "echo", false).await;
         let echo = b.spawn(|mut ctx| async move {
             while let Some(msg) = ctx.recv().await {
                 let Some(from) = msg.from().cloned() else {

@@ -74,6 +74,9 @@ pub(crate) struct BenchArgs {
     /// Skip the raw baselines and round trips (for profiling our own path).
     #[arg(long, hide = true)]
     only_cluster_throughput: bool,
+    /// Only our round trips, one line per run (for profiling).
+    #[arg(long, hide = true)]
+    only_cluster_rtt: bool,
     /// Print one JSON array (an object per backend) instead of the table.
     #[arg(long)]
     json: bool,
@@ -112,6 +115,17 @@ struct Row {
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.repeat >= 1, "--repeat must be at least 1");
     ensure!(args.receivers >= 1, "--receivers must be at least 1");
+    if args.only_cluster_rtt {
+        let ca = ClusterCa::generate("bench")?;
+        for _ in 0..args.repeat {
+            let (p50, p99) = match args.backend {
+                BackendChoice::S2n => cluster_rtt::<S2nTransport>(&ca, &args).await?,
+                _ => cluster_rtt::<QuinnTransport>(&ca, &args).await?,
+            };
+            println!("p50 {p50:.1} us, p99 {p99:.1} us");
+        }
+        return Ok(());
+    }
     if args.only_cluster_throughput {
         if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
             cluster_only::<QuinnTransport>(&args).await?;

@@ -215,6 +215,7 @@ struct OutboxState {
     batches: VecDeque<Batch>,
     /// Messages in the batch the writer is writing.
     writing: usize,
+    seqs: SeqMap,
     /// The link is down: nothing more is queued.
     down: bool,
 }
@@ -284,7 +285,7 @@ async fn enqueue(
             return not_connected(payload);
         }
         // Numbered under the queue's lock, so numbers follow queue order.
-        let (seq, to) = link.next_seq(from, to);
+        let (seq, to) = next_seq_in(&mut state.seqs, from, to);
         let header = EnvelopeHeader {
             to,
             from,
@@ -397,6 +398,21 @@ fn batch_headers(chunks: Vec<Bytes>) -> Vec<EnvelopeHeader> {
     out.into_iter().map(|m| m.header).collect()
 }
 
+/// The last number given to each (sender, destination) pair on a link.
+type SeqMap = HashMap<(Option<u64>, Dest), u64, foldhash::fast::RandomState>;
+
+/// Numbers the next message of a pair.
+fn next_seq_in(seqs: &mut SeqMap, from: Option<u64>, to: Dest) -> (u64, Dest) {
+    let key = (from, to);
+    if let Some(s) = seqs.get_mut(&key) {
+        *s += 1;
+        return (*s, key.1);
+    }
+    // The pair's first message: the only time the destination is copied.
+    seqs.insert(key.clone(), 1);
+    (1, key.1)
+}
+
 /// The node's side of one link: what senders need, without the transport type.
 pub(crate) struct LinkHandle {
     id: u64,
@@ -408,7 +424,9 @@ pub(crate) struct LinkHandle {
     /// Present when the link coalesces.
     outbox: Option<Outbox>,
     control: mpsc::UnboundedSender<Frame>,
-    seqs: Mutex<HashMap<(Option<u64>, Dest), u64, foldhash::fast::RandomState>>,
+    /// Pair numbers of a link that does not coalesce (a coalescing one keeps them in its
+    /// outbox, under the lock it takes anyway).
+    seqs: Mutex<SeqMap>,
     streams: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
@@ -495,15 +513,7 @@ impl LinkHandle {
     }
 
     fn next_seq(&self, from: Option<u64>, to: Dest) -> (u64, Dest) {
-        let mut seqs = lock(&self.seqs);
-        let key = (from, to);
-        if let Some(s) = seqs.get_mut(&key) {
-            *s += 1;
-            return (*s, key.1);
-        }
-        // The pair's first message: the only time the destination is copied.
-        seqs.insert(key.clone(), 1);
-        (1, key.1)
+        next_seq_in(&mut lock(&self.seqs), from, to)
     }
 
     /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the

@@ -205,7 +205,7 @@ pub(crate) struct ProcessSlot {
 
 #[derive(Default)]
 pub(crate) struct Links {
-    pub(crate) up: HashMap<NodeName, Arc<LinkHandle>>,
+    pub(crate) up: HashMap<NodeName, Arc<LinkHandle>, foldhash::fast::RandomState>,
     pub(crate) dialling: HashSet<NodeName>,
     pub(crate) shut_down: bool,
 }
