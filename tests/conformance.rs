@@ -42,6 +42,7 @@ macro_rules! matrix {
             case!(coalesced_goodbye_flushes_the_queue);
             case!(several_messages_on_one_stream_are_split);
             case!(an_endless_stream_stays_within_the_link_budget);
+            case!(delivered_waits_for_the_peer);
         }
     };
 }

@@ -145,7 +145,7 @@ impl Default for TransportTuning {
         TransportTuning {
             max_concurrent_uni_streams: 10_000,
             stream_receive_window: 4 << 20,
-            connection_receive_window: 64 << 20,
+            connection_receive_window: 16 << 20,
             idle_timeout: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(1),
             socket_buffer_bytes: Some(4 << 20),
@@ -272,6 +272,12 @@ pub trait SendStream: Send + 'static {
 
     /// Marks the end of the stream (the peer reads end-of-stream after the data).
     fn finish(&mut self) -> Result<(), TransportError>;
+
+    /// Waits until the peer has acknowledged everything written, end of stream included (call
+    /// after [`finish`](Self::finish)); an error if the peer stopped the stream or the
+    /// connection failed first. Writes complete once the stack has buffered the data, so a
+    /// writer that opens stream after stream uses this to bound what it has in flight.
+    fn delivered(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Abandons the stream: the peer sees a reset with `code`.
     fn reset(&mut self, code: u32);

@@ -49,6 +49,8 @@ use crate::process::{Budget, Credit, Mailbox, Message};
 const COALESCE_MAX: usize = 4 << 10;
 /// Message streams read at once per link.
 const MAX_READS: usize = 4096;
+/// Coalesced streams a link may have written and not yet seen acknowledged.
+const MAX_UNACKED_STREAMS: usize = 4;
 /// How long a closing side waits for the peer to drain after a goodbye or reject.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -325,7 +327,24 @@ async fn enqueue(
 /// own. Never returns: the reader notices a lost connection and ends the link.
 async fn write_loop<C: Connection>(node: &Node, conn: &C, link: &LinkHandle, outbox: &Outbox) {
     let stats = &node.inner.stats;
+    // Written streams the peer has not yet acknowledged: the stack buffers what a write hands
+    // it, so without this bound a fast writer would pile up stream after stream in there.
+    let mut unacked = FuturesUnordered::new();
+    let acked = |r: Option<Result<(), TransportError>>| {
+        if let Some(Err(e)) = r {
+            warn!(node = %node.inner.name, peer = %link.peer, error = %e, "coalesced stream not delivered");
+        }
+    };
     loop {
+        while let Some(r) = unacked.next().now_or_never() {
+            acked(r);
+            if unacked.is_empty() {
+                break;
+            }
+        }
+        while unacked.len() >= MAX_UNACKED_STREAMS {
+            acked(unacked.next().await);
+        }
         let batch = loop {
             let ready = outbox.ready.notified();
             {
@@ -343,10 +362,14 @@ async fn write_loop<C: Connection>(node: &Node, conn: &C, link: &LinkHandle, out
             Ok(mut stream) => {
                 link.streams.fetch_add(1, Ordering::Relaxed);
                 let mut out = chunks.clone();
-                stream
+                let written = stream
                     .write_all_chunks(&mut out)
                     .await
-                    .and_then(|()| stream.finish())
+                    .and_then(|()| stream.finish());
+                if written.is_ok() {
+                    unacked.push(async move { stream.delivered().await });
+                }
+                written
             }
             Err(e) => Err(e),
         };

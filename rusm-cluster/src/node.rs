@@ -96,7 +96,7 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             tuning: TransportTuning::default(),
             mailbox_capacity: 1024,
-            link_budget_bytes: 64 << 20,
+            link_budget_bytes: 16 << 20,
             handshake_timeout: Duration::from_secs(5),
             coalescing: None,
         }

@@ -287,6 +287,20 @@ impl core::SendStream for QuinnSend {
         })
     }
 
+    async fn delivered(&mut self) -> Result<(), TransportError> {
+        match self.0.stopped().await {
+            // Finished, and every byte acknowledged.
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(TransportError::StreamStopped {
+                code: code.into_inner(),
+            }),
+            Err(quinn::StoppedError::ConnectionLost(c)) => Err(conn_err(c)),
+            Err(other) => Err(TransportError::ConnectionLost {
+                reason: other.to_string(),
+            }),
+        }
+    }
+
     fn reset(&mut self, code: u32) {
         let _ = self.0.reset(VarInt::from_u32(code));
     }

@@ -633,6 +633,7 @@ impl S2nConnection {
         S2nSend {
             stream,
             closed: self.inner.closed.clone(),
+            stopped: None,
         }
     }
 
@@ -649,25 +650,49 @@ impl S2nConnection {
 pub struct S2nSend {
     stream: s2n_quic::stream::SendStream,
     closed: watch::Receiver<Option<TransportError>>,
+    /// The peer's stop, once seen: s2n-quic forgets a stopped stream, and would answer later
+    /// calls with "invalid stream" instead.
+    stopped: Option<TransportError>,
+}
+
+impl S2nSend {
+    fn fail(&mut self, e: s2n_quic::stream::Error) -> TransportError {
+        if let Some(stopped) = &self.stopped {
+            return stopped.clone();
+        }
+        let e = send_err(e, &self.closed);
+        if matches!(e, TransportError::StreamStopped { .. }) {
+            self.stopped = Some(e.clone());
+        }
+        e
+    }
 }
 
 impl core::SendStream for S2nSend {
     async fn write(&mut self, data: Bytes) -> Result<(), TransportError> {
-        self.stream
-            .send(data)
-            .await
-            .map_err(|e| send_err(e, &self.closed))
+        match self.stream.send(data).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
-        self.stream
-            .send_vectored(chunks)
-            .await
-            .map_err(|e| send_err(e, &self.closed))
+        match self.stream.send_vectored(chunks).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     fn finish(&mut self) -> Result<(), TransportError> {
-        self.stream.finish().map_err(|e| send_err(e, &self.closed))
+        self.stream.finish().map_err(|e| self.fail(e))
+    }
+
+    async fn delivered(&mut self) -> Result<(), TransportError> {
+        // `close` is finish (already done) plus waiting for the peer's acknowledgement.
+        match self.stream.close().await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     fn reset(&mut self, code: u32) {

@@ -105,3 +105,55 @@ pub async fn lost_notice_releases_the_pair<T: Transport>() {
     );
     wait_until(|| london.stats().lost_messages == 1).await;
 }
+
+/// `delivered` (what the coalescing writer bounds its in-flight streams with) resolves once the
+/// peer has everything, and fails when the peer stops the stream instead.
+pub async fn delivered_waits_for_the_peer<T: Transport>() {
+    use rusm_cluster::core::transport::{stream_code, RecvStream, TransportError};
+    let ca = ClusterCa::generate("test").unwrap();
+    let server: T = raw_endpoint(ca.issue("server").unwrap(), &ca);
+    let client: T = raw_endpoint(ca.issue("client").unwrap(), &ca);
+    let addr = server.local_addr().unwrap();
+    let (dialled, accepted) = tokio::join!(client.connect(addr, "server"), async {
+        server.accept().await.unwrap().await
+    });
+    let (out, inc) = (dialled.unwrap(), accepted.unwrap());
+
+    let data = Bytes::from(vec![7u8; 300_000]);
+    let mut s = out.open_uni().await.unwrap();
+    s.write(data.clone()).await.unwrap();
+    s.finish().unwrap();
+    let mut r = within(inc.accept_uni()).await.unwrap().unwrap();
+    let mut got = 0;
+    while let Some(chunk) = within(r.read_chunk()).await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(got, data.len());
+    within(s.delivered()).await.unwrap();
+
+    let mut s = out.open_uni().await.unwrap();
+    s.write(Bytes::from_static(b"unwanted")).await.unwrap();
+    let mut r = within(inc.accept_uni()).await.unwrap().unwrap();
+    r.stop(stream_code::TOO_LARGE);
+    // Once the sender has seen the stop (its writes fail), delivery is refused for good.
+    let refused = within(async {
+        loop {
+            match s.write(Bytes::from_static(b"more")).await {
+                Ok(()) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(refused, TransportError::StreamStopped { .. }),
+        "{refused:?}"
+    );
+    let _ = s.finish();
+    assert_eq!(
+        within(s.delivered()).await,
+        Err(TransportError::StreamStopped {
+            code: u64::from(stream_code::TOO_LARGE)
+        })
+    );
+}
