@@ -3,7 +3,7 @@
 //! buffer holds back an early one until its predecessors are delivered or known lost. Only a pair
 //! ever waits on itself, never unrelated traffic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
 
 /// The hasher of per-link maps keyed by what peers send: foldhash's quality variant, seeded at
@@ -23,36 +23,138 @@ pub enum Placed {
     Late,
 }
 
+/// Numbers less than this far ahead of the next expected one are held in a ring indexed by
+/// number, so any disorder among them costs constant time per message (coalesced streams read
+/// side by side hold back thousands); farther ones — only a sender far ahead, or a hostile one,
+/// produces them — go to ordered maps.
+const WINDOW: u64 = 1 << 14;
+
+/// One number in the window. A held message is boxed, so an empty slot costs 16 bytes: a
+/// number far ahead costs the window 16 bytes per number skipped, not a message's size.
+#[derive(Debug)]
+enum Slot<M> {
+    Empty,
+    Held(Box<M>),
+    Lost,
+}
+
 #[derive(Debug)]
 struct Pair<M> {
     next: u64,
-    held: BTreeMap<u64, M>,
-    lost: BTreeSet<u64>,
+    /// `window[i]` stands for number `next + i`. The front is never `Held` or `Lost` (`next`
+    /// would have moved past it), and the back is never `Empty`.
+    window: VecDeque<Slot<M>>,
+    far_held: BTreeMap<u64, M>,
+    far_lost: BTreeSet<u64>,
 }
 
 impl<M> Default for Pair<M> {
     fn default() -> Self {
         Pair {
             next: 1,
-            held: BTreeMap::new(),
-            lost: BTreeSet::new(),
+            window: VecDeque::new(),
+            far_held: BTreeMap::new(),
+            far_lost: BTreeSet::new(),
         }
     }
 }
 
 impl<M> Pair<M> {
-    /// Moves `next` past delivered-in-order held messages and known losses.
+    fn is_settled(&self) -> bool {
+        self.window.is_empty() && self.far_held.is_empty() && self.far_lost.is_empty()
+    }
+
+    /// Records number `seq` (at least `next`) as held or lost; `false` if it already was one
+    /// of the two.
+    fn put(&mut self, seq: u64, slot: Slot<M>) -> bool {
+        let ahead = seq - self.next;
+        if ahead < WINDOW {
+            let i = ahead as usize;
+            if self.window.len() <= i {
+                self.window.resize_with(i + 1, || Slot::Empty);
+            }
+            if !matches!(self.window[i], Slot::Empty) {
+                return false;
+            }
+            self.window[i] = slot;
+            return true;
+        }
+        if self.far_held.contains_key(&seq) || self.far_lost.contains(&seq) {
+            return false;
+        }
+        match slot {
+            Slot::Held(m) => {
+                self.far_held.insert(seq, *m);
+            }
+            Slot::Lost => {
+                self.far_lost.insert(seq);
+            }
+            Slot::Empty => {}
+        }
+        true
+    }
+
+    /// Moves `next` past held messages (pushed onto `out`) and known losses; returns how many
+    /// messages it released.
     fn advance(&mut self, out: &mut Vec<M>) -> usize {
         let mut released = 0;
         loop {
-            if let Some(m) = self.held.remove(&self.next) {
-                out.push(m);
-                released += 1;
-            } else if !self.lost.remove(&self.next) {
+            while matches!(self.window.front(), Some(Slot::Held(_) | Slot::Lost)) {
+                if let Some(Slot::Held(m)) = self.window.pop_front() {
+                    out.push(*m);
+                    released += 1;
+                }
+                self.next += 1;
+            }
+            // Bring far numbers the window now reaches into it.
+            let reach = self.next.saturating_add(WINDOW);
+            let mut pulled = false;
+            while let Some(entry) = self.far_held.first_entry() {
+                if *entry.key() >= reach {
+                    break;
+                }
+                let (seq, m) = entry.remove_entry();
+                pulled |= self.put(seq, Slot::Held(Box::new(m)));
+            }
+            while let Some(&seq) = self.far_lost.first() {
+                if seq >= reach {
+                    break;
+                }
+                self.far_lost.pop_first();
+                pulled |= self.put(seq, Slot::Lost);
+            }
+            if !pulled || !matches!(self.window.front(), Some(Slot::Held(_) | Slot::Lost)) {
                 return released;
             }
-            self.next += 1;
         }
+    }
+
+    /// Releases every held message in order onto `out`; returns how many numbers before them
+    /// were neither seen nor known lost.
+    fn drain(self, out: &mut Vec<M>) -> u64 {
+        let mut missing = 0;
+        let mut unseen = 0;
+        let mut pos = self.next;
+        for slot in self.window {
+            match slot {
+                Slot::Empty => unseen += 1,
+                Slot::Held(m) => {
+                    missing += unseen;
+                    unseen = 0;
+                    out.push(*m);
+                }
+                Slot::Lost => {}
+            }
+            pos += 1;
+        }
+        for (seq, m) in self.far_held {
+            let lost = self.far_lost.range(pos..seq).count() as u64;
+            missing += unseen + (seq - pos) - lost;
+            unseen = 0;
+            out.push(m);
+            pos = seq + 1;
+        }
+        missing
     }
 }
 
@@ -95,19 +197,26 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// delivered, in order.
     pub fn on_message(&mut self, key: &K, seq: u64, msg: M, out: &mut Vec<M>) -> Placed {
         let pair = self.pair(key);
-        if seq < pair.next || pair.lost.contains(&seq) || pair.held.contains_key(&seq) {
+        if seq < pair.next {
             return Placed::Late;
         }
-        if seq > pair.next {
-            pair.held.insert(seq, msg);
-            self.held += 1;
-            return Placed::Held;
+        if seq == pair.next && pair.is_settled() {
+            // In order with nothing waiting: the common case.
+            out.push(msg);
+            pair.next += 1;
+            return Placed::Delivered(0);
         }
-        out.push(msg);
-        pair.next += 1;
+        if !pair.put(seq, Slot::Held(Box::new(msg))) {
+            return Placed::Late;
+        }
+        let first = seq == pair.next;
         let released = pair.advance(out);
-        self.held -= released;
-        Placed::Delivered(released)
+        self.held = self.held + 1 - released;
+        if first {
+            Placed::Delivered(released - 1)
+        } else {
+            Placed::Held
+        }
     }
 
     /// Message number `seq` of pair `key` is known lost (refused as too large, truncated): stops
@@ -115,7 +224,7 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// `false` when the message was already delivered, held, or known lost.
     pub fn on_lost(&mut self, key: &K, seq: u64, out: &mut Vec<M>) -> bool {
         let pair = self.pair(key);
-        if seq < pair.next || pair.held.contains_key(&seq) || !pair.lost.insert(seq) {
+        if seq < pair.next || !pair.put(seq, Slot::Lost) {
             return false;
         }
         let released = pair.advance(out);
@@ -126,15 +235,7 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// The link is gone: releases every held message, in order per pair, onto `out`, and returns
     /// how many messages were never seen (the gaps they waited behind).
     pub fn drain(&mut self, out: &mut Vec<M>) -> u64 {
-        let mut missing = 0;
-        for (_, mut pair) in self.pairs.drain() {
-            while let Some((&seq, _)) = pair.held.first_key_value() {
-                let gap = (pair.next..seq).filter(|s| !pair.lost.contains(s)).count();
-                missing += gap as u64;
-                pair.next = seq;
-                pair.advance(out);
-            }
-        }
+        let missing = self.pairs.drain().map(|(_, pair)| pair.drain(out)).sum();
         self.held = 0;
         missing
     }
@@ -227,5 +328,48 @@ mod tests {
         r.on_message(&(), 1, 1, &mut out);
         assert_eq!(r.on_message(&(), 1, 1, &mut out), Placed::Late);
         assert_eq!(out, vec![1, 2]);
+    }
+
+    #[test]
+    fn heavy_disorder_near_and_far_keeps_order() {
+        // 60,000 numbers arriving in blocks read side by side (as coalesced streams are), some
+        // blocks far ahead of the window, every 97th message lost instead of arriving.
+        let n: u64 = 60_000;
+        let block = 20_000;
+        let mut arrivals = Vec::new();
+        for i in 0..block {
+            for b in (0..n / block).rev() {
+                arrivals.push(b * block + i + 1);
+            }
+        }
+        let mut r = Reorder::new();
+        let mut out = Vec::new();
+        for &seq in &arrivals {
+            if seq % 97 == 0 {
+                assert!(r.on_lost(&(), seq, &mut out));
+            } else {
+                assert_ne!(r.on_message(&(), seq, seq, &mut out), Placed::Late);
+            }
+        }
+        let want: Vec<u64> = (1..=n).filter(|s| s % 97 != 0).collect();
+        assert_eq!(out, want);
+        assert_eq!(r.held(), 0);
+        assert_eq!(r.on_message(&(), 5, 5, &mut out), Placed::Late);
+    }
+
+    #[test]
+    fn a_number_far_ahead_is_held_and_drained_without_walking_the_gap() {
+        let mut r = Reorder::new();
+        let mut out = Vec::new();
+        assert_eq!(r.on_message(&(), u64::MAX - 1, 1, &mut out), Placed::Held);
+        assert_eq!(r.on_message(&(), 3, 3, &mut out), Placed::Held);
+        assert!(r.on_lost(&(), 2, &mut out));
+        assert!(r.on_lost(&(), u64::MAX - 2, &mut out));
+        assert_eq!(r.on_message(&(), u64::MAX - 1, 1, &mut out), Placed::Late);
+        assert!(out.is_empty());
+        assert_eq!(r.held(), 2);
+        // Missing: 1, then everything from 4 to MAX - 3 (MAX - 2 is a known loss).
+        assert_eq!(r.drain(&mut out), 1 + (u64::MAX - 3 - 4 + 1));
+        assert_eq!(out, vec![3, 1]);
     }
 }
