@@ -25,6 +25,15 @@ async fn coalescing_node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
         .unwrap()
 }
 
+/// `london` (default settings) and `paris` (coalescing), `paris` connected to `london`.
+async fn coalescing_pair<T: Transport>() -> (Node, Node) {
+    let ca = ClusterCa::generate("test").unwrap();
+    let london = node::<T>(&ca, "london").await;
+    let paris = coalescing_node::<T>(&ca, "paris").await;
+    paris.connect("london", london.local_addr()).await.unwrap();
+    (london, paris)
+}
+
 /// A numbered payload: `n` in its first 8 bytes, padded to `len`.
 fn numbered(n: u64, len: usize) -> Bytes {
     let mut b = vec![0u8; len.max(8)];
@@ -39,10 +48,7 @@ fn number(m: &rusm_cluster::Message) -> u64 {
 /// Two processes each send 10,000 messages (every 500th a large one) as fast as the queue
 /// takes them: every message arrives once, in order per pair, on far fewer streams.
 pub async fn coalescing_keeps_order_and_loses_nothing<T: Transport>() {
-    let ca = ClusterCa::generate("test").unwrap();
-    let london = node::<T>(&ca, "london").await;
-    let paris = coalescing_node::<T>(&ca, "paris").await;
-    paris.connect("london", london.local_addr()).await.unwrap();
+    let (london, paris) = coalescing_pair::<T>().await;
     let (sink, mut inbox) = collector(&london);
     const N: u64 = 10_000;
     for _ in 0..2 {
@@ -82,10 +88,7 @@ pub async fn coalescing_keeps_order_and_loses_nothing<T: Transport>() {
 /// Sends return once queued; shutting down right after still delivers every queued message
 /// (the goodbye waits for the queue to drain).
 pub async fn coalesced_goodbye_flushes_the_queue<T: Transport>() {
-    let ca = ClusterCa::generate("test").unwrap();
-    let london = node::<T>(&ca, "london").await;
-    let paris = coalescing_node::<T>(&ca, "paris").await;
-    paris.connect("london", london.local_addr()).await.unwrap();
+    let (london, paris) = coalescing_pair::<T>().await;
     let (sink, mut inbox) = collector(&london);
     london.register("sink", &sink).unwrap();
     const N: u64 = 5_000;

@@ -260,21 +260,23 @@ impl MessageAssembler {
     /// Feeds the next chunk of the stream, pushing every message it completes onto `out`. After
     /// an error, stop the stream with [`ReadError::stop_code`] and drop the assembler (the
     /// messages already pushed are whole and good).
-    pub fn push(&mut self, mut chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
+    pub fn push(&mut self, chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
+        // Walked by offset: the chunk is only sliced (a reference count) for a large payload.
+        let mut pos = 0;
         loop {
             if self.header.is_none() {
-                if chunk.is_empty() {
+                if pos == chunk.len() {
                     return Ok(());
                 }
-                let Some(rest) = self.take_header(chunk)? else {
+                let Some(used) = self.take_header(&chunk[pos..])? else {
                     return Ok(());
                 };
-                chunk = rest;
+                pos += used;
             }
             // In a message: take its payload from the chunk.
-            let take = (self.want - self.have).min(chunk.len());
-            let part = chunk.split_to(take);
-            self.add_payload(part);
+            let take = (self.want - self.have).min(chunk.len() - pos);
+            self.add_payload(&chunk, pos, take);
+            pos += take;
             if self.have == self.want {
                 out.push(self.complete());
             } else {
@@ -283,37 +285,45 @@ impl MessageAssembler {
         }
     }
 
-    /// Reads a header from the front of `chunk` (after what `pending` holds): the rest of the
-    /// chunk once the header is complete, `None` when the chunk ended first.
-    fn take_header(&mut self, mut chunk: Bytes) -> Result<Option<Bytes>, ReadError> {
-        let (hlen, data) = if self.pending.is_empty() && chunk.len() >= 2 {
-            let hlen = u16::from_be_bytes([chunk[0], chunk[1]]) as usize;
+    /// Reads a header from the front of `data` (after what `pending` holds): how many bytes of
+    /// `data` it took once the header is complete, `None` when `data` ended first (and went
+    /// into `pending`).
+    fn take_header(&mut self, data: &[u8]) -> Result<Option<usize>, ReadError> {
+        if self.pending.is_empty() && data.len() >= 2 {
+            let hlen = u16::from_be_bytes([data[0], data[1]]) as usize;
             self.check_header_len(hlen)?;
-            if chunk.len() < 2 + hlen {
-                self.pending.extend_from_slice(&chunk);
+            if data.len() < 2 + hlen {
+                self.pending.extend_from_slice(data);
                 return Ok(None);
             }
-            let head = chunk.split_to(2 + hlen);
-            (hlen, head)
-        } else {
-            // The header straddles chunks: gather exactly its bytes, no more.
+            self.start_message(&data[2..2 + hlen])?;
+            return Ok(Some(2 + hlen));
+        }
+        // The header straddles chunks: gather exactly its bytes, no more.
+        let mut used = 0;
+        if self.pending.len() < 2 {
+            used = (2 - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..used]);
             if self.pending.len() < 2 {
-                let n = (2 - self.pending.len()).min(chunk.len());
-                self.pending.extend_from_slice(&chunk.split_to(n));
-                if self.pending.len() < 2 {
-                    return Ok(None);
-                }
-            }
-            let hlen = u16::from_be_bytes([self.pending[0], self.pending[1]]) as usize;
-            self.check_header_len(hlen)?;
-            let n = (2 + hlen - self.pending.len()).min(chunk.len());
-            self.pending.extend_from_slice(&chunk.split_to(n));
-            if self.pending.len() < 2 + hlen {
                 return Ok(None);
             }
-            (hlen, self.pending.split().freeze())
-        };
-        let header = decode_header(&data[2..2 + hlen]).map_err(|why| ReadError::Malformed {
+        }
+        let hlen = u16::from_be_bytes([self.pending[0], self.pending[1]]) as usize;
+        self.check_header_len(hlen)?;
+        let n = (2 + hlen - self.pending.len()).min(data.len() - used);
+        self.pending.extend_from_slice(&data[used..used + n]);
+        used += n;
+        if self.pending.len() < 2 + hlen {
+            return Ok(None);
+        }
+        let head = std::mem::take(&mut self.pending);
+        self.start_message(&head[2..2 + hlen])?;
+        Ok(Some(used))
+    }
+
+    /// Decodes a message's header and checks its length against the limit.
+    fn start_message(&mut self, raw: &[u8]) -> Result<(), ReadError> {
+        let header = decode_header(raw).map_err(|why| ReadError::Malformed {
             header: None,
             error: WireError::Malformed {
                 what: "message header",
@@ -329,7 +339,7 @@ impl MessageAssembler {
         self.want = header.len as usize;
         self.have = 0;
         self.header = Some(header);
-        Ok(Some(chunk))
+        Ok(())
     }
 
     fn check_header_len(&self, hlen: usize) -> Result<(), ReadError> {
@@ -345,24 +355,27 @@ impl MessageAssembler {
         Ok(())
     }
 
-    fn add_payload(&mut self, part: Bytes) {
-        if part.is_empty() {
+    /// Adds `chunk[pos..pos + take]` to the payload being read.
+    fn add_payload(&mut self, chunk: &Bytes, pos: usize, take: usize) {
+        if take == 0 {
             return;
         }
-        self.have += part.len();
+        self.have += take;
+        let part = &chunk[pos..pos + take];
         if let Some(m) = self.multi.as_mut() {
-            m.extend_from_slice(&part);
-        } else if self.want <= COPY_MAX {
+            m.extend_from_slice(part);
+        } else if self.want <= COPY_MAX && take == self.want {
+            // A small payload whole in this chunk: its own exact copy.
+            self.single = Some(Bytes::copy_from_slice(part));
+        } else if self.want <= COPY_MAX || self.single.is_some() {
             let mut m = BytesMut::with_capacity(self.want);
-            m.extend_from_slice(&part);
-            self.multi = Some(m);
-        } else if let Some(first) = self.single.take() {
-            let mut m = BytesMut::with_capacity(self.want);
-            m.extend_from_slice(&first);
-            m.extend_from_slice(&part);
+            if let Some(first) = self.single.take() {
+                m.extend_from_slice(&first);
+            }
+            m.extend_from_slice(part);
             self.multi = Some(m);
         } else {
-            self.single = Some(part);
+            self.single = Some(chunk.slice(pos..pos + take));
         }
     }
 
