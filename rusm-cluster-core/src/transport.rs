@@ -281,6 +281,12 @@ pub trait SendStream: Send + 'static {
 
     /// Abandons the stream: the peer sees a reset with `code`.
     fn reset(&mut self, code: u32);
+
+    /// Asks the stack to send this stream's data before that of streams with a lower priority
+    /// (0 by default). A hint: a backend without priorities ignores it.
+    fn set_priority(&mut self, priority: i32) {
+        let _ = priority;
+    }
 }
 
 /// The reading half of a stream.

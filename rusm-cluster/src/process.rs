@@ -47,44 +47,126 @@ impl Message {
     }
 }
 
+/// What travels through a mailbox's channel: one message (a local send, a lone remote one), or
+/// several a link delivers together (one channel operation and one wake-up for all of them).
+#[derive(Debug)]
+pub(crate) enum Mail {
+    One(Message),
+    /// Never empty.
+    Many(Vec<Message>),
+}
+
+/// What the two ends of a mailbox share.
+#[derive(Debug)]
+struct Shared {
+    /// Free places for local senders.
+    capacity: Arc<Semaphore>,
+    /// Messages in the channel (batches counted by their size).
+    queued: AtomicUsize,
+}
+
 /// The sending side of a process's mailbox. Local senders wait for capacity (`capacity`
 /// messages); remote messages arrive already charged to their link's budget.
 #[derive(Clone, Debug)]
 pub(crate) struct Mailbox {
-    tx: mpsc::UnboundedSender<Message>,
-    capacity: Arc<Semaphore>,
+    tx: mpsc::UnboundedSender<Mail>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side of a process's mailbox.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    rx: mpsc::UnboundedReceiver<Mail>,
+    /// The rest of the batch being read.
+    batch: std::vec::IntoIter<Message>,
+    shared: Arc<Shared>,
 }
 
 impl Mailbox {
-    pub(crate) fn new(capacity: usize) -> (Mailbox, mpsc::UnboundedReceiver<Message>) {
+    pub(crate) fn new(capacity: usize) -> (Mailbox, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Mailbox {
-                tx,
-                capacity: Arc::new(Semaphore::new(capacity.max(1))),
-            },
+        let shared = Arc::new(Shared {
+            capacity: Arc::new(Semaphore::new(capacity.max(1))),
+            queued: AtomicUsize::new(0),
+        });
+        let inbox = Inbox {
             rx,
-        )
+            batch: Vec::new().into_iter(),
+            shared: shared.clone(),
+        };
+        (Mailbox { tx, shared }, inbox)
     }
 
     /// Delivers a local message, waiting while the mailbox is full. Gives the payload back if
     /// the process has exited.
     pub(crate) async fn send_local(&self, from: Option<Pid>, payload: Bytes) -> Result<(), Bytes> {
-        let Ok(permit) = self.capacity.clone().acquire_owned().await else {
+        let Ok(permit) = self.shared.capacity.clone().acquire_owned().await else {
             return Err(payload);
         };
-        self.tx
-            .send(Message::new(from, payload, Some(Credit::Mailbox(permit))))
-            .map_err(|e| e.0.payload)
+        let msg = Message::new(from, payload, Some(Credit::Mailbox(permit)));
+        match self.push(Mail::One(msg)) {
+            Ok(()) => Ok(()),
+            Err(Mail::One(m)) => Err(m.payload),
+            Err(Mail::Many(_)) => unreachable!("one message was sent"),
+        }
     }
 
-    /// Delivers a message already charged to a link's budget.
-    pub(crate) fn push(&self, msg: Message) -> Result<(), Message> {
-        self.tx.send(msg).map_err(|e| e.0)
+    /// Delivers messages already charged to a link's budget; gives them back if the process has
+    /// exited.
+    pub(crate) fn push(&self, mail: Mail) -> Result<(), Mail> {
+        let n = mail.len();
+        self.shared.queued.fetch_add(n, Ordering::Relaxed);
+        self.tx.send(mail).map_err(|e| {
+            self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+            e.0
+        })
     }
 
     pub(crate) fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+}
+
+impl Mail {
+    /// How many messages.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Mail::One(_) => 1,
+            Mail::Many(v) => v.len(),
+        }
+    }
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Message> {
+        if let Some(m) = self.batch.next() {
+            return Some(m);
+        }
+        let mail = self.rx.recv().await?;
+        Some(self.open(mail))
+    }
+
+    fn try_recv(&mut self) -> Option<Message> {
+        if let Some(m) = self.batch.next() {
+            return Some(m);
+        }
+        let mail = self.rx.try_recv().ok()?;
+        Some(self.open(mail))
+    }
+
+    fn open(&mut self, mail: Mail) -> Message {
+        self.shared.queued.fetch_sub(mail.len(), Ordering::Relaxed);
+        match mail {
+            Mail::One(m) => m,
+            Mail::Many(v) => {
+                self.batch = v.into_iter();
+                self.batch.next().expect("a batch is never empty")
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.batch.len() + self.shared.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -108,12 +190,12 @@ impl Mailbox {
 pub struct Process {
     pid: Pid,
     node: Node,
-    rx: mpsc::UnboundedReceiver<Message>,
+    inbox: Inbox,
 }
 
 impl Process {
-    pub(crate) fn new(pid: Pid, node: Node, rx: mpsc::UnboundedReceiver<Message>) -> Self {
-        Process { pid, node, rx }
+    pub(crate) fn new(pid: Pid, node: Node, inbox: Inbox) -> Self {
+        Process { pid, node, inbox }
     }
 
     /// This process's pid.
@@ -131,17 +213,17 @@ impl Process {
     /// # Cancel safety
     /// Cancel safe: a message not returned stays in the mailbox.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        self.inbox.recv().await
     }
 
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        self.inbox.try_recv()
     }
 
     /// How many messages wait in the mailbox.
     pub fn mailbox_len(&self) -> usize {
-        self.rx.len()
+        self.inbox.len()
     }
 
     /// Sends `payload` to the process registered as `name` on node `node`, from this process
@@ -211,6 +293,19 @@ impl Budget {
         }
     }
 
+    /// Takes `amount` bytes (at most the whole budget) if they are free now.
+    pub(crate) fn try_take(self: &Arc<Self>, amount: usize) -> Option<LinkCredit> {
+        let amount = amount.min(self.limit);
+        if self.used.load(Ordering::SeqCst) + amount > self.limit {
+            return None;
+        }
+        self.used.fetch_add(amount, Ordering::SeqCst);
+        Some(LinkCredit {
+            budget: self.clone(),
+            amount,
+        })
+    }
+
     /// Bytes taken and not yet given back.
     #[cfg(test)]
     fn used(&self) -> usize {
@@ -238,6 +333,40 @@ impl Drop for LinkCredit {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn msg(n: u8) -> Message {
+        Message::new(None, Bytes::from(vec![n]), None)
+    }
+
+    #[tokio::test]
+    async fn batches_and_single_messages_come_out_in_order_and_are_counted() {
+        let (mailbox, mut inbox) = Mailbox::new(8);
+        mailbox.push(Mail::One(msg(1))).unwrap();
+        mailbox
+            .push(Mail::Many(vec![msg(2), msg(3), msg(4)]))
+            .unwrap();
+        mailbox
+            .send_local(None, Bytes::from(vec![5]))
+            .await
+            .unwrap();
+        assert_eq!(inbox.len(), 5);
+        let mut got = Vec::new();
+        while let Some(m) = inbox.try_recv() {
+            got.push(m.payload()[0]);
+            assert_eq!(inbox.len(), 5 - got.len());
+        }
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+        mailbox.push(Mail::Many(vec![msg(6), msg(7)])).unwrap();
+        assert_eq!(inbox.recv().await.unwrap().payload()[0], 6);
+        drop(inbox);
+        // The process is gone: what is pushed comes back, and is not counted as waiting.
+        assert!(matches!(mailbox.push(Mail::One(msg(8))), Err(Mail::One(_))));
+        assert!(mailbox.is_closed());
+        assert_eq!(
+            mailbox.send_local(None, Bytes::from(vec![9])).await,
+            Err(Bytes::from(vec![9]))
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn budget_waits_for_space_and_never_overdraws() {

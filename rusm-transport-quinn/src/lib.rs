@@ -304,6 +304,10 @@ impl core::SendStream for QuinnSend {
     fn reset(&mut self, code: u32) {
         let _ = self.0.reset(VarInt::from_u32(code));
     }
+
+    fn set_priority(&mut self, priority: i32) {
+        let _ = self.0.set_priority(priority);
+    }
 }
 
 /// The reading half of a quinn stream.
