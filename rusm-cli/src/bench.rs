@@ -115,18 +115,7 @@ struct Row {
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.repeat >= 1, "--repeat must be at least 1");
     ensure!(args.receivers >= 1, "--receivers must be at least 1");
-    if args.only_cluster_rtt {
-        let ca = ClusterCa::generate("bench")?;
-        for _ in 0..args.repeat {
-            let (p50, p99) = match args.backend {
-                BackendChoice::S2n => cluster_rtt::<S2nTransport>(&ca, &args).await?,
-                _ => cluster_rtt::<QuinnTransport>(&ca, &args).await?,
-            };
-            println!("p50 {p50:.1} us, p99 {p99:.1} us");
-        }
-        return Ok(());
-    }
-    if args.only_cluster_throughput {
+    if args.only_cluster_throughput || args.only_cluster_rtt {
         if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
             cluster_only::<QuinnTransport>(&args).await?;
         }
@@ -192,15 +181,21 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--only-cluster-throughput`: our throughput alone, one line per run (for profiling).
+/// `--only-cluster-throughput` / `--only-cluster-rtt`: our throughput or round trips alone, one
+/// line per run (for profiling).
 async fn cluster_only<T: Transport>(args: &BenchArgs) -> Result<()> {
     let ca = ClusterCa::generate("bench")?;
     for _ in 0..args.repeat {
-        let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
-        println!(
-            "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
-            T::NAME
-        );
+        if args.only_cluster_rtt {
+            let (p50, p99) = cluster_rtt::<T>(&ca, args).await?;
+            println!("{}: p50 {p50:.1} us, p99 {p99:.1} us", T::NAME);
+        } else {
+            let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
+            println!(
+                "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
+                T::NAME
+            );
+        }
     }
     Ok(())
 }

@@ -1052,10 +1052,7 @@ fn read_now<R: RecvStream>(
         match stream.read_chunk().now_or_never() {
             Some(Ok(Some(chunk))) => {
                 taken += chunk.len();
-                if let Err(e) = asm.push(chunk, got) {
-                    if let Some(code) = e.stop_code() {
-                        stream.stop(code);
-                    }
+                if let Err(e) = asm.push_from(&mut stream, chunk, got) {
                     return StreamEnd::Done(Err(e));
                 }
                 if taken >= READ_TURN {
@@ -1085,10 +1082,7 @@ async fn read_more<R: RecvStream>(
     loop {
         match stream.read_chunk().await {
             Ok(Some(chunk)) => {
-                if let Err(e) = asm.push(chunk, &mut got) {
-                    if let Some(code) = e.stop_code() {
-                        stream.stop(code);
-                    }
+                if let Err(e) = asm.push_from(&mut stream, chunk, &mut got) {
                     return (got, StreamEnd::Done(Err(e)));
                 }
                 if !got.is_empty() {

@@ -275,12 +275,8 @@ impl Budget {
     pub(crate) async fn take(self: &Arc<Self>, amount: usize) -> LinkCredit {
         let amount = amount.min(self.limit);
         loop {
-            if self.used.load(Ordering::SeqCst) + amount <= self.limit {
-                self.used.fetch_add(amount, Ordering::SeqCst);
-                return LinkCredit {
-                    budget: self.clone(),
-                    amount,
-                };
+            if let Some(credit) = self.try_take(amount) {
+                return credit;
             }
             let freed = self.freed.notified();
             // Flag, then look again: a giver subtracts, then looks at the flag, so one of the

@@ -252,14 +252,10 @@ impl MessageAssembler {
         self.header.as_ref()
     }
 
-    /// How many whole messages the stream has yielded so far.
-    pub fn messages(&self) -> u64 {
-        self.done
-    }
-
     /// Feeds the next chunk of the stream, pushing every message it completes onto `out`. After
-    /// an error, stop the stream with [`ReadError::stop_code`] and drop the assembler (the
-    /// messages already pushed are whole and good).
+    /// an error, stop the stream with [`ReadError::stop_code`] (or use
+    /// [`push_from`](Self::push_from), which does) and drop the assembler (the messages already
+    /// pushed are whole and good).
     pub fn push(&mut self, chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
         // Walked by offset: the chunk is only sliced (a reference count) for a large payload.
         let mut pos = 0;
@@ -283,6 +279,21 @@ impl MessageAssembler {
                 return Ok(());
             }
         }
+    }
+
+    /// [`push`](Self::push) for a chunk read from `stream`: a refused chunk also stops the
+    /// stream, with the code the refusal calls for.
+    pub fn push_from<R: RecvStream>(
+        &mut self,
+        stream: &mut R,
+        chunk: Bytes,
+        out: &mut Vec<ReadMessage>,
+    ) -> Result<(), ReadError> {
+        self.push(chunk, out).inspect_err(|e| {
+            if let Some(code) = e.stop_code() {
+                stream.stop(code);
+            }
+        })
     }
 
     /// Reads a header from the front of `data` (after what `pending` holds): how many bytes of
@@ -437,14 +448,7 @@ pub async fn read_messages_into<R: RecvStream>(
 ) -> Result<(), ReadError> {
     loop {
         match stream.read_chunk().await {
-            Ok(Some(chunk)) => {
-                if let Err(e) = asm.push(chunk, out) {
-                    if let Some(code) = e.stop_code() {
-                        stream.stop(code);
-                    }
-                    return Err(e);
-                }
-            }
+            Ok(Some(chunk)) => asm.push_from(stream, chunk, out)?,
             Ok(None) => return asm.finish(),
             Err(e) => return Err(asm.failed(e)),
         }
