@@ -6,9 +6,12 @@
 //! - [`identity`]: node names, identities, the cluster CA, trust anchors, peer identities.
 //! - [`tls`]: the one rustls policy (TLS 1.3, ALPN, mutual authentication, CRLs).
 //! - [`link`]: the handshake checks and the duplicate-link tie-break (sans-IO).
+//! - [`inbound`]: the receiving half of a link — order, losses, goodbye drain, memory bounds
+//!   and the typed reasons to close (sans-IO).
 //! - [`order`]: per-pair message ordering over independent streams (sans-IO).
 
 pub mod identity;
+pub mod inbound;
 pub mod link;
 pub mod order;
 pub mod tls;

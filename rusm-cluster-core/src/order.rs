@@ -196,6 +196,10 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// Message number `seq` (from 1) of pair `key` arrived: pushes onto `out` whatever can now be
     /// delivered, in order.
     pub fn on_message(&mut self, key: &K, seq: u64, msg: M, out: &mut Vec<M>) -> Placed {
+        if seq == u64::MAX {
+            // No sender gets this far; refusing it keeps every `seq + 1` below safe.
+            return Placed::Late;
+        }
         let pair = self.pair(key);
         if seq < pair.next {
             return Placed::Late;
@@ -223,6 +227,9 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// waiting for it and pushes what it held back onto `out`. Returns whether this was news:
     /// `false` when the message was already delivered, held, or known lost.
     pub fn on_lost(&mut self, key: &K, seq: u64, out: &mut Vec<M>) -> bool {
+        if seq == u64::MAX {
+            return false;
+        }
         let pair = self.pair(key);
         if seq < pair.next || !pair.put(seq, Slot::Lost) {
             return false;
@@ -230,6 +237,32 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         let released = pair.advance(out);
         self.held -= released;
         true
+    }
+
+    /// Whether `seq` is the number pair `key` waits for next (what a message that fills a gap,
+    /// or one in order, carries).
+    pub fn is_next(&self, key: &K, seq: u64) -> bool {
+        seq == self.pairs.get(key).map_or(1, |p| p.next)
+    }
+
+    /// How far ahead of the pair's next expected number `seq` is (0 for the next one, or one
+    /// already past).
+    pub fn ahead(&self, key: &K, seq: u64) -> u64 {
+        seq.saturating_sub(self.pairs.get(key).map_or(1, |p| p.next))
+    }
+
+    /// The number pair `key` waits for while it holds messages or knows of later losses;
+    /// `None` when the pair is settled.
+    pub fn waiting_for(&self, key: &K) -> Option<u64> {
+        self.pairs
+            .get(key)
+            .filter(|p| !p.is_settled())
+            .map(|p| p.next)
+    }
+
+    /// How many pairs this buffer knows.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
     }
 
     /// The link is gone: releases every held message, in order per pair, onto `out`, and returns
@@ -355,6 +388,18 @@ mod tests {
         assert_eq!(out, want);
         assert_eq!(r.held(), 0);
         assert_eq!(r.on_message(&(), 5, 5, &mut out), Placed::Late);
+    }
+
+    #[test]
+    fn the_largest_number_is_refused_without_overflow() {
+        let mut r = Reorder::new();
+        let mut out = Vec::new();
+        assert_eq!(r.on_message(&(), u64::MAX, 0, &mut out), Placed::Late);
+        assert!(!r.on_lost(&(), u64::MAX, &mut out));
+        assert_eq!(r.on_message(&(), u64::MAX - 1, 1, &mut out), Placed::Held);
+        assert_eq!(r.drain(&mut out), u64::MAX - 2);
+        assert_eq!(out, vec![1]);
+        assert!(r.is_next(&(), 1));
     }
 
     #[test]

@@ -230,6 +230,22 @@ pub struct MessageAssembler {
     multi: Option<BytesMut>,
     /// Messages completed on this stream.
     done: u64,
+    /// What is left of a chunk after a header, kept while the caller finds credit for the
+    /// message (see [`push_gated`](Self::push_gated)).
+    stash: Option<Bytes>,
+    /// A header was read and its payload waits for [`grant`](Self::grant).
+    awaiting: bool,
+}
+
+/// How far [`MessageAssembler::push_gated`] got with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The whole chunk was taken.
+    Consumed,
+    /// A message header was read (see [`MessageAssembler::header`]) and the rest of the chunk
+    /// is kept until the caller grants the message its memory with
+    /// [`MessageAssembler::grant`] and calls [`MessageAssembler::resume`].
+    NeedCredit,
 }
 
 impl MessageAssembler {
@@ -244,6 +260,8 @@ impl MessageAssembler {
             single: None,
             multi: None,
             done: 0,
+            stash: None,
+            awaiting: false,
         }
     }
 
@@ -257,17 +275,68 @@ impl MessageAssembler {
     /// [`push_from`](Self::push_from), which does) and drop the assembler (the messages already
     /// pushed are whole and good).
     pub fn push(&mut self, chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
+        self.push_inner(chunk, out, false).map(|_| ())
+    }
+
+    /// [`push`](Self::push) that stops after each message header, before any of its payload is
+    /// taken, so the caller can charge the message's declared length to a memory budget first
+    /// (and stop reading the stream while the budget is spent): on [`Pushed::NeedCredit`] the
+    /// rest of the chunk is kept, and [`grant`](Self::grant) then [`resume`](Self::resume) go
+    /// on. At most one message completes per call, so a caller can hand each message the credit
+    /// granted for it.
+    pub fn push_gated(
+        &mut self,
+        chunk: Bytes,
+        out: &mut Vec<ReadMessage>,
+    ) -> Result<Pushed, ReadError> {
+        debug_assert!(
+            !self.awaiting,
+            "push_gated while a message waits for credit"
+        );
+        self.push_inner(chunk, out, true)
+    }
+
+    /// The message whose header [`push_gated`](Self::push_gated) stopped at may now be read.
+    pub fn grant(&mut self) {
+        self.awaiting = false;
+    }
+
+    /// Whether a header was read and its message waits for [`grant`](Self::grant).
+    pub fn is_awaiting_credit(&self) -> bool {
+        self.awaiting
+    }
+
+    /// Goes on with the chunk [`push_gated`](Self::push_gated) kept, after a
+    /// [`grant`](Self::grant).
+    pub fn resume(&mut self, out: &mut Vec<ReadMessage>) -> Result<Pushed, ReadError> {
+        debug_assert!(!self.awaiting, "resume before grant");
+        // With nothing kept, an empty chunk still completes a message with no payload.
+        let rest = self.stash.take().unwrap_or_default();
+        self.push_inner(rest, out, true)
+    }
+
+    fn push_inner(
+        &mut self,
+        chunk: Bytes,
+        out: &mut Vec<ReadMessage>,
+        gated: bool,
+    ) -> Result<Pushed, ReadError> {
         // Walked by offset: the chunk is only sliced (a reference count) for a large payload.
         let mut pos = 0;
         loop {
             if self.header.is_none() {
                 if pos == chunk.len() {
-                    return Ok(());
+                    return Ok(Pushed::Consumed);
                 }
                 let Some(used) = self.take_header(&chunk[pos..])? else {
-                    return Ok(());
+                    return Ok(Pushed::Consumed);
                 };
                 pos += used;
+                if gated {
+                    self.awaiting = true;
+                    self.stash = (pos < chunk.len()).then(|| chunk.slice(pos..));
+                    return Ok(Pushed::NeedCredit);
+                }
             }
             // In a message: take its payload from the chunk.
             let take = (self.want - self.have).min(chunk.len() - pos);
@@ -276,7 +345,7 @@ impl MessageAssembler {
             if self.have == self.want {
                 out.push(self.complete());
             } else {
-                return Ok(());
+                return Ok(Pushed::Consumed);
             }
         }
     }
@@ -528,6 +597,37 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    #[test]
+    fn gated_push_stops_at_each_header_until_granted() {
+        // Three messages (the second with no payload) in every chunking: each header is seen
+        // before any of its payload is taken, and one message completes per grant.
+        let mut data = wire(&header(3), b"abc");
+        data.extend(wire(&header(0), b""));
+        data.extend(wire(&header(5), b"hello"));
+        for size in 1..=data.len() {
+            let mut asm = MessageAssembler::new(Limits::default());
+            let mut out = Vec::new();
+            let mut headers = Vec::new();
+            for chunk in data.chunks(size) {
+                let mut step = asm.push_gated(Bytes::copy_from_slice(chunk), &mut out);
+                while let Ok(Pushed::NeedCredit) = step {
+                    assert!(asm.is_awaiting_credit());
+                    let h = asm.header().unwrap().clone();
+                    // Nothing of this message's payload was taken before the grant.
+                    assert_eq!(out.len(), headers.len());
+                    headers.push(h.len);
+                    asm.grant();
+                    step = asm.resume(&mut out);
+                }
+                step.unwrap();
+            }
+            asm.finish().unwrap();
+            assert_eq!(headers, [3, 0, 5], "chunk size {size}");
+            let payloads: Vec<&[u8]> = out.iter().map(|m| &m.payload[..]).collect();
+            assert_eq!(payloads, [&b"abc"[..], b"", b"hello"], "chunk size {size}");
+        }
     }
 
     #[test]

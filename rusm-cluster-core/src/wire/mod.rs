@@ -9,7 +9,8 @@ mod frame;
 pub use codec::{encode_frame, FrameDecoder, WireError};
 pub use envelope::{
     decode_header, encode_header, encode_header_into, encoded_header_len, read_message,
-    read_messages_into, Dest, EnvelopeHeader, MessageAssembler, ReadError, ReadMessage, COPY_MAX,
+    read_messages_into, Dest, EnvelopeHeader, MessageAssembler, Pushed, ReadError, ReadMessage,
+    COPY_MAX,
 };
 pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
 
