@@ -348,10 +348,12 @@ impl Identity {
         })
     }
 
-    /// Writes `<dir>/<stem>.pem` (certificates) and `<dir>/<stem>.key` (the private key).
+    /// Writes `<dir>/<stem>.pem` (certificates) and `<dir>/<stem>.key` (the private key). On
+    /// unix the key file is readable by its owner only (mode 0600) from the moment it is created,
+    /// and an existing key file is narrowed to 0600 before the key is written into it.
     pub fn save(&self, dir: &Path, stem: &str) -> Result<(), IdentityError> {
         write_file(&dir.join(format!("{stem}.pem")), &self.cert_pem())?;
-        write_file(&dir.join(format!("{stem}.key")), &self.key_pem())
+        write_secret_file(&dir.join(format!("{stem}.key")), &self.key_pem())
     }
 
     /// Reads what [`Identity::save`] wrote.
@@ -618,14 +620,15 @@ impl ClusterCa {
     }
 
     /// Writes `ca.pem` (certificate), `ca.key` (private key: keep it secret) and `crl.pem` into
-    /// `dir`.
+    /// `dir`. On unix `ca.key` is readable by its owner only (mode 0600) from the moment it is
+    /// created, and an existing `ca.key` is narrowed to 0600 before the key is written into it.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
         std::fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
             path: dir.display().to_string(),
             source,
         })?;
         write_file(&dir.join("ca.pem"), &self.cert_pem())?;
-        write_file(&dir.join("ca.key"), &self.key.serialize_pem())?;
+        write_secret_file(&dir.join("ca.key"), &self.key.serialize_pem())?;
         write_file(&dir.join("crl.pem"), &self.crl_pem()?)
     }
 
@@ -716,6 +719,33 @@ fn write_file(path: &Path, text: &str) -> Result<(), IdentityError> {
     })
 }
 
+/// Writes a private key: on unix the file is created with mode 0600 (never readable by others,
+/// whatever the umask), and a file that already existed is set to 0600 while still empty (it is
+/// truncated on opening), before the key goes in.
+fn write_secret_file(path: &Path, text: &str) -> Result<(), IdentityError> {
+    use std::io::Write;
+    let io_err = |source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // `mode` applies only to a file it creates: narrow an existing one too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err)?;
+    }
+    file.write_all(text.as_bytes()).map_err(io_err)
+}
+
 fn read_file(path: &Path) -> Result<String, IdentityError> {
     std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
         path: path.display().to_string(),
@@ -780,6 +810,37 @@ mod tests {
         let s2 = Identity::load(&dir, "shared").unwrap();
         assert_eq!(s2.kind(), &IdentityKind::Shared);
         assert!(s2.shared_trust().is_some());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_keys_are_saved_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = std::env::temp_dir().join(format!("rusm-key-mode-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A key file left world-readable by something else is narrowed when overwritten.
+        let stale = dir.join("b.key");
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let ca = ClusterCa::generate("modes").unwrap();
+        ca.save(&dir).unwrap();
+        ca.issue("a").unwrap().save(&dir, "a").unwrap();
+        ca.issue("b").unwrap().save(&dir, "b").unwrap();
+        Identity::generate().unwrap().save(&dir, "shared").unwrap();
+        for key in ["ca.key", "a.key", "b.key", "shared.key"] {
+            assert_eq!(mode(&dir.join(key)), 0o600, "{key}");
+        }
+        // Certificates and the CRL are public.
+        for public in ["ca.pem", "crl.pem", "a.pem"] {
+            assert_eq!(mode(&dir.join(public)) & 0o600, 0o600, "{public}");
+        }
+        assert!(
+            Identity::load(&dir, "b").is_ok(),
+            "the narrowed file holds the new key"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
