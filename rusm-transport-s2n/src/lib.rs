@@ -20,10 +20,12 @@
 //!
 //! s2n-quic's `close()` takes only a code. The reason given to [`Connection::close`] reaches the
 //! peer through a connection-close formatter (s2n-quic's unstable provider) that writes it into
-//! the CONNECTION_CLOSE frame; TLS alerts are passed through as they are, so a refused peer
-//! learns which alert and why (for example `CERTIFICATE_REVOKED: invalid certificate`), as it
-//! does on quinn. Reasons longer than 512 bytes are cut; an application close sent before the
-//! handshake is confirmed carries no reason (RFC 9000 §10.2.3).
+//! the CONNECTION_CLOSE frame. Until this endpoint has completed the handshake the peer is not
+//! authenticated, so no text of ours reaches it: a refused peer learns the error code (for a TLS
+//! rejection, the alert, such as `CERTIFICATE_REVOKED` or `UNKNOWN_CA`) with the fixed reason
+//! [`PRE_HANDSHAKE_REASON`], never s2n-quic's or rustls's own error text. Reasons longer than 512
+//! bytes are cut; an application close sent before the handshake is confirmed carries no reason
+//! (RFC 9000 §10.2.3).
 //!
 //! ```
 //! use rusm_cluster_core::identity::ClusterCa;
@@ -76,6 +78,11 @@ use tokio::sync::{mpsc, watch};
 /// The longest close reason sent. A CONNECTION_CLOSE frame cannot be split across packets, and
 /// the smallest QUIC packet is 1200 bytes; longer reasons are cut at a character boundary.
 const MAX_REASON: usize = 512;
+
+/// The only reason phrase sent with a TLS (CRYPTO_ERROR) close before this endpoint completed
+/// the handshake. The peer is not authenticated yet, so it learns the alert code and this, never
+/// the internal error text (other transport errors before the handshake go with no reason).
+pub const PRE_HANDSHAKE_REASON: &str = "handshake failed";
 
 /// How many refused handshakes wait for `accept` before further ones go unreported.
 const REFUSED_BACKLOG: usize = 64;
@@ -835,7 +842,8 @@ impl Subscriber for Events {
         event: &events::ConnectionClosed,
     ) {
         let error = event.error;
-        // Hand our reason to the formatter, which s2n-quic calls next for this same close.
+        // Hand our reason, and whether the peer is authenticated, to the formatter, which
+        // s2n-quic calls next for this same close.
         let ours = match error {
             ConnError::Application {
                 error, initiator, ..
@@ -844,7 +852,10 @@ impl Subscriber for Events {
                 .filter(|c| c.code == u64::from(error)),
             _ => None,
         };
-        self.slot.set(ours);
+        self.slot.set(Closing {
+            authenticated: ctx.handshake_complete,
+            local: ours,
+        });
         let why = classify(error, ctx.peer_reason.as_deref());
         tracing::debug!(connection = meta.id, %error, classified = %why, "s2n connection closed");
         if let (false, Some(refused)) = (ctx.handshake_complete, &self.refused) {
@@ -858,25 +869,46 @@ impl Subscriber for Events {
 
 // --- Close reasons out: the connection-close formatter -----------------------------------------
 
-/// The reason of the local close being formatted, handed from [`Events::on_connection_closed`]
-/// to [`ReasonFormatter`]. Two generations are kept (the current close and the one before).
+/// What the formatter needs to know of the close being formatted, which s2n-quic does not tell
+/// it.
 #[derive(Default)]
-struct CloseSlot(Mutex<[Option<LocalClose>; 2]>);
+struct Closing {
+    /// Whether this endpoint had completed the handshake (so the peer is authenticated). `false`
+    /// (the default, also when nothing was recorded) means only generic reasons go out.
+    authenticated: bool,
+    /// The code and reason of our own application close, if this is one.
+    local: Option<LocalClose>,
+}
+
+/// The close being formatted, handed from [`Events::on_connection_closed`] to
+/// [`ReasonFormatter`]. Two generations are kept (the current close and the one before).
+#[derive(Default)]
+struct CloseSlot(Mutex<[Closing; 2]>);
 
 impl CloseSlot {
-    fn set(&self, close: Option<LocalClose>) {
+    fn set(&self, close: Closing) {
         let mut slots = lock(&self.0);
         slots.swap(0, 1);
         slots[0] = close;
     }
+
+    /// Whether the close being formatted is on a connection whose handshake completed here.
+    fn authenticated(&self) -> bool {
+        lock(&self.0)[0].authenticated
+    }
 }
 
 /// Writes the reason given to [`Connection::close`](core::Connection::close) into the
-/// application CONNECTION_CLOSE frame, which s2n-quic's own `close(code)` leaves empty. Transport
-/// errors, TLS alerts included, pass through unchanged (s2n-quic's default would turn every alert
-/// into HANDSHAKE_FAILURE and drop reasons; quinn sends both, and the cluster shows them to the
-/// refused peer). An application close during the handshake still carries no reason, as RFC 9000
-/// §10.2.3 requires.
+/// application CONNECTION_CLOSE frame, which s2n-quic's own `close(code)` leaves empty.
+///
+/// Before this endpoint completed the handshake the peer is unauthenticated, and nothing but
+/// codes and generic text goes out: s2n-quic formats every close twice, for Initial/Handshake
+/// packets and for 1-RTT packets (which a server can already send to a client whose certificate
+/// it is about to refuse), and both are generic then. A transport error keeps its code (a TLS
+/// alert stays that alert, where s2n-quic's `Production` would say only HANDSHAKE_FAILURE, so a
+/// refused peer still learns "revoked" or "unknown CA") but its reason is replaced by
+/// [`PRE_HANDSHAKE_REASON`] (TLS) or dropped (others); an application close carries no reason
+/// (RFC 9000 §10.2.3). After the handshake, transport errors pass through with s2n-quic's reason.
 ///
 /// The formatter sees only the peer's address and the code, so the reason comes through a slot
 /// shared with this endpoint's [`Events`]: s2n-quic 0.91's `ConnectionImpl::close` publishes
@@ -910,12 +942,26 @@ fn intern(reason: &[u8]) -> Option<&'static [u8]> {
     Some(leaked)
 }
 
+/// The close frame for a transport error before the handshake completed: its code (a TLS alert
+/// stays that alert) and frame type, with a fixed reason for TLS errors and none for others.
+fn generic_transport_close(error: s2n_quic_core::transport::Error) -> ConnectionClose<'static> {
+    let reason = if is_crypto(error.code) {
+        PRE_HANDSHAKE_REASON
+    } else {
+        ""
+    };
+    error.with_reason(reason).into()
+}
+
 impl Formatter for ReasonFormatter {
     fn format_transport_error(
         &self,
         context: &CloseContext,
         error: s2n_quic_core::transport::Error,
     ) -> ConnectionClose<'_> {
+        if !self.slot.authenticated() {
+            return generic_transport_close(error);
+        }
         Development.format_transport_error(context, error)
     }
 
@@ -927,8 +973,9 @@ impl Formatter for ReasonFormatter {
         let ours = {
             let slots = lock(&self.slot.0);
             slots[0]
+                .local
                 .as_ref()
-                .filter(|c| c.code == u64::from(error))
+                .filter(|c| slots[0].authenticated && c.code == u64::from(error))
                 .map(|c| c.reason.clone())
         };
         let Some(reason) = ours.and_then(|r| intern(&r)) else {
@@ -946,7 +993,9 @@ impl Formatter for ReasonFormatter {
         context: &CloseContext,
         error: s2n_quic_core::transport::Error,
     ) -> ConnectionClose<'_> {
-        Development.format_early_transport_error(context, error)
+        // Initial and Handshake packets are only sent while the handshake is under way (or just
+        // completed); the same rule as for 1-RTT applies.
+        self.format_transport_error(context, error)
     }
 
     fn format_early_application_error(
