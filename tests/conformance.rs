@@ -1,6 +1,7 @@
 //! The conformance matrix: every behaviour case in `cases/` runs once per transport backend, so a
 //! test's name says which backend it ran on (`quinn::send_by_name`). `cargo test quinn::` runs
-//! one backend.
+//! one backend. The third arm, `mem::`, is the in-memory transport (real TLS, no sockets), held
+//! to the same cases as the QUIC stacks.
 
 mod cases;
 
@@ -49,6 +50,7 @@ macro_rules! matrix {
 
 matrix!(quinn => rusm_transport_quinn::QuinnTransport);
 matrix!(s2n => rusm_transport_s2n::S2nTransport);
+matrix!(mem => rusm_transport_mem::MemTransport);
 
 /// Nodes on different backends in one cluster, in both dialling directions.
 mod mixed {

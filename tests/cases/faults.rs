@@ -1,5 +1,10 @@
 //! Network faults: a peer that goes silent without closing is declared down by keep-alives.
+//!
+//! Each backend says how a test cuts the network path between two nodes ([`CutPath`]): the QUIC
+//! backends through a UDP relay whose cable is cut (datagrams are dropped), the in-memory one
+//! with `MemNetwork::cut`, which holds everything back the same way.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,12 +13,56 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
 use rusm_cluster::{ClusterCa, DownReason, Error, NodeBuilder, NodeConfig, NodeEvent};
+use rusm_transport_mem::{MemNetwork, MemTransport};
+use rusm_transport_quinn::QuinnTransport;
+use rusm_transport_s2n::S2nTransport;
 use tokio::net::UdpSocket;
 
 use super::*;
 
+/// A network path from a dialler to a listener that a test can cut.
+pub struct Path {
+    /// The address the dialler dials to reach the listener over this path.
+    pub dial: SocketAddr,
+    cut: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Path {
+    /// Cuts the path: from now on nothing crosses it, either way.
+    pub fn cut(&self) {
+        (self.cut)()
+    }
+}
+
+/// How a backend's test cuts the path between two nodes.
+pub trait CutPath: Transport {
+    /// A cuttable path from the node bound at `dialler` to the node bound at `listener`.
+    fn path(dialler: SocketAddr, listener: SocketAddr) -> impl Future<Output = Path> + Send;
+}
+
+impl CutPath for QuinnTransport {
+    fn path(_dialler: SocketAddr, listener: SocketAddr) -> impl Future<Output = Path> + Send {
+        relay(listener)
+    }
+}
+
+impl CutPath for S2nTransport {
+    fn path(_dialler: SocketAddr, listener: SocketAddr) -> impl Future<Output = Path> + Send {
+        relay(listener)
+    }
+}
+
+impl CutPath for MemTransport {
+    async fn path(dialler: SocketAddr, listener: SocketAddr) -> Path {
+        Path {
+            dial: listener,
+            cut: Box::new(move || MemNetwork::cut(dialler, listener)),
+        }
+    }
+}
+
 /// A UDP relay between one client and `server`, whose cable can be cut.
-async fn relay(server: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+async fn relay(server: SocketAddr) -> Path {
     let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let addr = sock.local_addr().unwrap();
     let cut = Arc::new(AtomicBool::new(false));
@@ -37,7 +86,10 @@ async fn relay(server: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
             let _ = sock.send_to(&buf[..n], to).await;
         }
     });
-    (addr, cut)
+    Path {
+        dial: addr,
+        cut: Box::new(move || cut.store(true, Ordering::Relaxed)),
+    }
 }
 
 fn quick_liveness() -> NodeConfig {
@@ -47,7 +99,7 @@ fn quick_liveness() -> NodeConfig {
     c
 }
 
-pub async fn silent_peer_is_declared_down<T: Transport>() {
+pub async fn silent_peer_is_declared_down<T: CutPath>() {
     let ca = ClusterCa::generate("faults").unwrap();
     let start = |name: &'static str| {
         NodeBuilder::<T>::new(name)
@@ -58,8 +110,8 @@ pub async fn silent_peer_is_declared_down<T: Transport>() {
     };
     let london = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
-    let (via, cut) = relay(london.local_addr()).await;
-    paris.connect("london", via).await.unwrap();
+    let path = T::path(paris.local_addr(), london.local_addr()).await;
+    paris.connect("london", path.dial).await.unwrap();
     let (p, mut inbox) = collector(&london);
     london.register("inbox", &p).unwrap();
     paris
@@ -73,7 +125,7 @@ pub async fn silent_peer_is_declared_down<T: Transport>() {
 
     let mut events = london.subscribe();
     let cut_at = Instant::now();
-    cut.store(true, Ordering::Relaxed);
+    path.cut();
     match next_down(&mut events).await {
         NodeEvent::NodeDown { node, reason } => {
             assert_eq!(node.as_str(), "paris");
