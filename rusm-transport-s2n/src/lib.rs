@@ -189,6 +189,8 @@ impl core::Transport for S2nTransport {
             .map_err(TransportError::setup)?
             .with_io(io(SocketAddr::new(config.listen.ip(), 0), &config.tuning)?)
             .map_err(TransportError::setup)?
+            .with_connection_id(client_connection_ids())
+            .map_err(TransportError::setup)?
             .with_limits(limits)
             .map_err(TransportError::setup)?
             .with_event(Events {
@@ -305,6 +307,29 @@ impl Registry {
         for conn in conns.iter().filter_map(Weak::upgrade) {
             conn.close(core::close_code::NORMAL, b"endpoint closed");
         }
+    }
+}
+
+/// The client's connection IDs: s2n-quic's default format, without rotating the handshake's
+/// connection ID.
+///
+/// With rotation on, an s2n-quic client switches to the listener's next connection ID as soon as
+/// a NEW_CONNECTION_ID frame arrives, even before the handshake is done, and from then on drops
+/// every long-header packet still carrying the handshake's ID as `InvalidSourceConnectionId`.
+/// quinn issues new IDs in its first 1-RTT packets and sends its CONNECTION_CLOSE in Handshake
+/// packets, so a dialler refused by a quinn listener (untrusted or revoked certificate) often
+/// never saw why: it learnt of the refusal only from a stateless reset a second later. Without
+/// rotation the handshake's ID stays valid (it is retired when the connection ends), which costs
+/// only the unlinkability of handshake and later packets to an on-path observer, who sees the
+/// same addresses anyway.
+fn client_connection_ids() -> s2n_quic::provider::connection_id::default::Format {
+    let builder = s2n_quic::provider::connection_id::default::Format::builder();
+    match builder
+        .with_handshake_connection_id_rotation(false)
+        .and_then(|b| b.build())
+    {
+        Ok(format) => format,
+        Err(never) => match never {},
     }
 }
 
