@@ -40,8 +40,9 @@ pub type PairKey = (Option<u64>, Dest);
 /// mailbox and the bookkeeping around it.
 pub const MESSAGE_OVERHEAD: usize = 128;
 
-/// What a number ahead of its pair's next one costs the reorder window per number skipped
-/// (an empty slot), charged with the message that opens the gap.
+/// What a number ahead of its pair's next one costs the reorder window per slot it adds
+/// (the window spans every number from the next one to the farthest held), charged with the
+/// message that grows the window.
 const SLOT_COST: usize = 16;
 
 /// The most numbers ahead a message is charged for (the reorder window's reach; farther ones
@@ -176,16 +177,22 @@ impl<M: InboundMessage> Inbound<M> {
 
     /// What a message with this header is charged against the link budget — its payload, its
     /// bookkeeping, and the reorder slots it opens when it comes ahead of its pair's next
-    /// number — and whether it is the one its pair waits for next. The next one may be granted
-    /// credit beyond the budget (up to the runtime's reserve): delivering it is what frees the
-    /// messages held behind it.
+    /// number — and whether it fills a gap: it is the one its pair waits for while later ones
+    /// are held. That one may be granted credit beyond the budget (up to the runtime's
+    /// reserve): delivering it is what frees the messages held behind it.
     pub fn assess(&self, header: &EnvelopeHeader) -> (usize, bool) {
         let key = (header.from, header.to.clone());
         let ahead = self.reorder.ahead(&key, header.seq);
+        // Only the slots the window must grow by: those it spans already were paid for.
+        let new_slots = (ahead.min(SLOT_REACH) + 1).saturating_sub(self.reorder.window_len(&key));
+        let slots = if ahead == 0 { 0 } else { new_slots as usize };
         let cost = usize::try_from(header.len)
             .unwrap_or(usize::MAX)
-            .saturating_add(MESSAGE_OVERHEAD + ahead.min(SLOT_REACH) as usize * SLOT_COST);
-        (cost, ahead == 0 && self.reorder.is_next(&key, header.seq))
+            .saturating_add(MESSAGE_OVERHEAD + slots * SLOT_COST);
+        let fills_gap = ahead == 0
+            && self.reorder.is_next(&key, header.seq)
+            && self.reorder.waiting_for(&key).is_some();
+        (cost, fills_gap)
     }
 
     /// A message stream was accepted.
@@ -492,14 +499,22 @@ mod tests {
     #[test]
     fn a_message_ahead_is_charged_for_the_slots_it_opens() {
         let m = machine();
-        assert_eq!(m.assess(&header(1, 1, 10)), (10 + MESSAGE_OVERHEAD, true));
+        let mut m = m;
+        assert_eq!(m.assess(&header(1, 1, 10)), (10 + MESSAGE_OVERHEAD, false));
         assert_eq!(
             m.assess(&header(1, 11, 10)),
-            (10 + MESSAGE_OVERHEAD + 10 * SLOT_COST, false)
+            (10 + MESSAGE_OVERHEAD + 11 * SLOT_COST, false)
+        );
+        // Once number 11 is held, the window spans 1..=11: numbers within it add no slots.
+        m.on_message(Instant::now(), Msg(header(1, 11, 10)), &mut Vec::new());
+        assert_eq!(m.assess(&header(1, 5, 10)).0, 10 + MESSAGE_OVERHEAD);
+        assert_eq!(
+            m.assess(&header(1, 13, 10)).0,
+            10 + MESSAGE_OVERHEAD + 2 * SLOT_COST
         );
         assert_eq!(
             m.assess(&header(1, u64::MAX - 1, 10)).0,
-            10 + MESSAGE_OVERHEAD + SLOT_REACH as usize * SLOT_COST
+            10 + MESSAGE_OVERHEAD + (SLOT_REACH as usize + 1 - 11) * SLOT_COST
         );
         assert_eq!(m.assess(&header(1, 1, u64::MAX)).0, usize::MAX);
     }

@@ -251,6 +251,12 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         seq.saturating_sub(self.pairs.get(key).map_or(1, |p| p.next))
     }
 
+    /// How many numbers from the pair's next one its reorder window already spans (numbers
+    /// within it cost a message no new slots).
+    pub fn window_len(&self, key: &K) -> u64 {
+        self.pairs.get(key).map_or(0, |p| p.window.len() as u64)
+    }
+
     /// The number pair `key` waits for while it holds messages or knows of later losses;
     /// `None` when the pair is settled.
     pub fn waiting_for(&self, key: &K) -> Option<u64> {

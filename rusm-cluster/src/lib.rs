@@ -64,6 +64,7 @@ pub use process::{Message, Process};
 pub use rusm_cluster_core::identity::{
     ClusterCa, Identity, IdentityKind, NodeName, Serial, TrustAnchor,
 };
+pub use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
 pub use rusm_cluster_core::transport::{Transport, TransportError, TransportTuning};
 pub use rusm_cluster_core::wire::Limits;
 pub use stats::NodeStats;

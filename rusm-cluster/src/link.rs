@@ -19,14 +19,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
+use rusm_cluster_core::inbound::{Counted, Inbound, InboundClose, InboundMessage};
 use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
-use rusm_cluster_core::order::{Placed, Reorder};
 use rusm_cluster_core::tls;
 use rusm_cluster_core::transport::{
     close_code, Connection, RecvStream, SendStream, Transport, TransportError,
@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, SendError};
 use crate::node::{lock, Coalescing, DownReason, Node, NodeEvent, NodeInner, PeerInfo};
 use crate::pid::Pid;
-use crate::process::{Budget, Credit, Mail, Mailbox, Message};
+use crate::process::{Budget, Credit, LinkCredit, Mail, Mailbox, Message};
 
 /// Payloads up to this size are copied behind their header into one chunk; larger ones are
 /// written without a copy.
@@ -51,6 +51,8 @@ const COALESCE_MAX: usize = 4 << 10;
 const MAX_READS: usize = 4096;
 /// Coalesced streams a link may have written and not yet seen acknowledged.
 const MAX_UNACKED_STREAMS: usize = 4;
+/// Lost notices read from the control stream and not yet taken by the reader.
+const LOST_QUEUE: usize = 1024;
 /// How long a closing side waits for the peer to drain after a goodbye or reject.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -960,19 +962,19 @@ async fn run_link<C: Connection>(
 ) {
     let inner = &node.inner;
     let (goodbye_tx, goodbye_rx) = watch::channel(None);
-    let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-    let mut reorder: Reorder<(Option<u64>, Dest), ReadMessage> = Reorder::new();
+    // Bounded: a peer flooding lost notices waits on its own control stream.
+    let (lost_tx, lost_rx) = mpsc::channel(LOST_QUEUE);
     let budget = Budget::new(inner.config.link_budget_bytes);
+    let mut reader = Reader {
+        machine: Inbound::new(inner.config.inbound),
+        reserve_ceiling: budget.limit().saturating_mul(2),
+        budget,
+        limits: inner.config.limits,
+        got: Vec::new(),
+        counted: Counted::default(),
+    };
     let reason = {
-        let reader = read_loop(
-            &node,
-            &link,
-            &conn,
-            &mut reorder,
-            &budget,
-            goodbye_rx,
-            lost_rx,
-        );
+        let reader = read_loop(&node, &link, &conn, &mut reader, goodbye_rx, lost_rx);
         let control = control_loop(
             &node,
             &mut ctl_send,
@@ -1014,14 +1016,21 @@ async fn run_link<C: Connection>(
     }
     // Release what was held back for predecessors that will never come.
     let mut released = Vec::new();
-    let missing = reorder.drain(&mut released);
+    let missing = reader.machine.on_link_down(&mut released).lost;
     inner
         .stats
         .lost_messages
         .fetch_add(missing, Ordering::Relaxed);
+    if let DownReason::PeerMisbehaved(why) = &reason {
+        match why {
+            InboundClose::GapTimeout { .. } => &inner.stats.gap_timeouts,
+            _ => &inner.stats.stalled_links,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
     let mut route = Route::default();
     for msg in released {
-        deliver(&node, &link, None, &mut route, msg).await;
+        deliver(&node, &link, &mut route, msg).await;
     }
     route.flush(inner, &link);
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
@@ -1034,133 +1043,253 @@ async fn run_link<C: Connection>(
     link.finished.notify_waiters();
 }
 
-/// Payload bytes [`read_now`] takes from one stream before it lets the link deliver them: a
-/// stream of coalesced messages is read in turns, so the link's budget bounds it like any other.
+/// Payload bytes one stream is read for before the link delivers them and turns to other
+/// streams: a stream of coalesced messages is read in turns, like any other.
 const READ_TURN: usize = 1 << 20;
 
-/// Reads what a stream already holds without waiting, pushing its messages onto `got`: most
-/// small messages are complete by the time their stream is accepted, and this spares them a
-/// slot among the streams in flight.
-fn read_now<R: RecvStream>(
-    mut stream: R,
-    mut asm: MessageAssembler,
-    got: &mut Vec<ReadMessage>,
-) -> StreamEnd<R> {
-    let mut taken = 0;
-    loop {
-        // Dropping a pending `read_chunk` loses nothing (it is cancel safe).
-        match stream.read_chunk().now_or_never() {
-            Some(Ok(Some(chunk))) => {
-                taken += chunk.len();
-                if let Err(e) = asm.push_from(&mut stream, chunk, got) {
-                    return StreamEnd::Done(Err(e));
-                }
+/// One message stream being read, with the credit of the message it is in the middle of.
+struct Reading<R> {
+    stream: R,
+    asm: MessageAssembler,
+    /// The credit granted to the message being received, and what it was charged.
+    credit: Option<(LinkCredit, usize)>,
+    /// While parked: the credit its next message needs, and the ceiling it may fill up to.
+    wants: (usize, usize),
+}
+
+/// A message read whole, with the bytes of the link budget it holds until its receiver drops
+/// it.
+struct Incoming {
+    msg: ReadMessage,
+    credit: Option<LinkCredit>,
+    charge: usize,
+}
+
+impl InboundMessage for Incoming {
+    fn header(&self) -> &EnvelopeHeader {
+        &self.msg.header
+    }
+    fn charge(&self) -> usize {
+        self.charge
+    }
+}
+
+/// Where a stream stands after the reader took what it held.
+enum Step<R> {
+    /// Read to its end, or failed (already accounted for).
+    Ended,
+    /// Waits for more data.
+    Wait(Reading<R>),
+    /// A message header waits for credit the link budget does not have.
+    Parked(Reading<R>),
+}
+
+/// The link's reader: the [`Inbound`] machine, the budget it charges, and the counters its
+/// inputs moved.
+struct Reader {
+    machine: Inbound<Incoming>,
+    budget: Arc<Budget>,
+    /// How far above the budget a message that fills its pair's gap may still be granted.
+    reserve_ceiling: usize,
+    limits: Limits,
+    got: Vec<ReadMessage>,
+    counted: Counted,
+}
+
+impl Reader {
+    fn count(&mut self, c: Counted) {
+        self.counted.lost += c.lost;
+        self.counted.oversized += c.oversized;
+        self.counted.malformed += c.malformed;
+    }
+
+    /// Takes what `rd` holds without waiting (`first` is a chunk already read from it): grants
+    /// each message its credit before its payload, and hands whole messages to the machine,
+    /// which pushes what may be delivered onto `out`.
+    fn advance<R: RecvStream>(
+        &mut self,
+        mut rd: Reading<R>,
+        first: Option<Result<Option<Bytes>, TransportError>>,
+        now: Instant,
+        out: &mut Vec<Incoming>,
+    ) -> Step<R> {
+        let mut next = first;
+        let mut taken = 0;
+        loop {
+            let pushed = if rd.asm.is_awaiting_credit() {
+                let header = rd.asm.header().expect("credit is awaited after a header");
+                let (cost, fills_gap) = self.machine.assess(header);
+                let ceiling = if fills_gap {
+                    self.reserve_ceiling
+                } else {
+                    self.budget.limit()
+                };
+                let Some(credit) = self.budget.try_take_within(cost, ceiling) else {
+                    rd.wants = (cost, ceiling);
+                    return Step::Parked(rd);
+                };
+                self.machine.on_credit(cost);
+                rd.credit = Some((credit, cost));
+                rd.asm.grant();
+                rd.asm.resume(&mut self.got)
+            } else {
                 if taken >= READ_TURN {
-                    return StreamEnd::More(stream, asm);
+                    return Step::Wait(rd);
+                }
+                // Dropping a pending `read_chunk` loses nothing (it is cancel safe).
+                let chunk = match next.take() {
+                    Some(r) => r,
+                    None => match rd.stream.read_chunk().now_or_never() {
+                        Some(r) => r,
+                        None => return Step::Wait(rd),
+                    },
+                };
+                match chunk {
+                    Ok(Some(chunk)) => {
+                        taken += chunk.len();
+                        rd.asm.push_gated(chunk, &mut self.got)
+                    }
+                    Ok(None) => {
+                        let end =
+                            std::mem::replace(&mut rd.asm, MessageAssembler::new(self.limits))
+                                .finish();
+                        return match end {
+                            Ok(()) => {
+                                self.machine.on_stream_closed();
+                                Step::Ended
+                            }
+                            Err(e) => self.fail(rd, e, now, out),
+                        };
+                    }
+                    Err(e) => {
+                        let e = rd.asm.failed(e);
+                        return self.fail(rd, e, now, out);
+                    }
+                }
+            };
+            match pushed {
+                Ok(_) => self.collect(&mut rd, now, out),
+                Err(e) => {
+                    if let Some(code) = e.stop_code() {
+                        rd.stream.stop(code);
+                    }
+                    self.collect(&mut rd, now, out);
+                    return self.fail(rd, e, now, out);
                 }
             }
-            Some(Ok(None)) => return StreamEnd::Done(asm.finish()),
-            Some(Err(e)) => return StreamEnd::Done(Err(asm.failed(e))),
-            None => return StreamEnd::More(stream, asm),
         }
+    }
+
+    /// Hands the message the stream completed (at most one per push: each needs its own
+    /// credit) to the machine, with its credit.
+    fn collect<R>(&mut self, rd: &mut Reading<R>, now: Instant, out: &mut Vec<Incoming>) {
+        let mut got = std::mem::take(&mut self.got);
+        for msg in got.drain(..) {
+            let (credit, charge) = match rd.credit.take() {
+                Some((credit, charge)) => (Some(credit), charge),
+                None => (None, 0),
+            };
+            self.machine.on_uncredit(charge);
+            let c = self.machine.on_message(
+                now,
+                Incoming {
+                    msg,
+                    credit,
+                    charge,
+                },
+                out,
+            );
+            self.count(c);
+        }
+        self.got = got;
+    }
+
+    /// A stream ended badly: gives back the credit of its unfinished message and stops waiting
+    /// for that message.
+    fn fail<R>(
+        &mut self,
+        mut rd: Reading<R>,
+        e: ReadError,
+        now: Instant,
+        out: &mut Vec<Incoming>,
+    ) -> Step<R> {
+        if let Some((credit, charge)) = rd.credit.take() {
+            drop(credit);
+            self.machine.on_uncredit(charge);
+        }
+        let c = self.machine.on_read_error(now, &e, out);
+        self.count(c);
+        self.machine.on_stream_closed();
+        debug!(error = %e, "message refused");
+        Step::Ended
     }
 }
 
-/// Where a stream stands after a read: ended (well, or with why its last message is lost), or
-/// with more to read.
-enum StreamEnd<R> {
-    Done(Result<(), ReadError>),
-    More(R, MessageAssembler),
+/// What a parked stream holds uncharged: the rest of a chunk, and its own keeping.
+fn parked_size<R>(rd: &Reading<R>) -> usize {
+    rd.asm.stashed_len() + 256
 }
 
-/// Waits for the next messages of a stream (or its end), then takes what else it holds.
-async fn read_more<R: RecvStream>(
-    mut stream: R,
-    mut asm: MessageAssembler,
-) -> (Vec<ReadMessage>, StreamEnd<R>) {
-    let mut got = Vec::new();
-    loop {
-        match stream.read_chunk().await {
-            Ok(Some(chunk)) => {
-                if let Err(e) = asm.push_from(&mut stream, chunk, &mut got) {
-                    return (got, StreamEnd::Done(Err(e)));
-                }
-                if !got.is_empty() {
-                    let end = read_now(stream, asm, &mut got);
-                    return (got, end);
-                }
-            }
-            Ok(None) => return (got, StreamEnd::Done(asm.finish())),
-            Err(e) => return (got, StreamEnd::Done(Err(asm.failed(e)))),
-        }
-    }
-}
-
-/// Puts read messages through the reorder buffer into `out`, and accounts for a stream that
-/// ended badly.
-fn place(
-    node: &Node,
-    link: &LinkHandle,
-    reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
-    got: &mut Vec<ReadMessage>,
-    end: Option<ReadError>,
-    out: &mut Vec<ReadMessage>,
-) {
-    let stats = &node.inner.stats;
-    for msg in got.drain(..) {
-        let h: &EnvelopeHeader = &msg.header;
-        let (key, seq) = ((h.from, h.to.clone()), h.seq);
-        if reorder.on_message(&key, seq, msg, out) == Placed::Late {
-            stats.lost_messages.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    if let Some(e) = end {
-        match &e {
-            ReadError::TooLarge { .. } => &stats.oversized_messages,
-            ReadError::Malformed { .. } => &stats.malformed_messages,
-            _ => &stats.lost_messages,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-        warn!(node = %node.inner.name, peer = %link.peer, error = %e, "message refused");
-        if let Some(h) = e.header() {
-            reorder.on_lost(&(h.from, h.to.clone()), h.seq, out);
-        }
-    }
+/// Waits for the next chunk of a stream.
+async fn next_chunk<R: RecvStream>(
+    mut rd: Reading<R>,
+) -> (Reading<R>, Result<Option<Bytes>, TransportError>) {
+    let r = rd.stream.read_chunk().await;
+    (rd, r)
 }
 
 async fn read_loop<C: Connection>(
     node: &Node,
     link: &LinkHandle,
     conn: &C,
-    reorder: &mut Reorder<(Option<u64>, Dest), ReadMessage>,
-    budget: &Arc<Budget>,
+    reader: &mut Reader,
     mut goodbye: watch::Receiver<Option<(String, u64)>>,
-    mut lost: mpsc::UnboundedReceiver<(Option<u64>, Dest, u64)>,
+    mut lost: mpsc::Receiver<(Option<u64>, Dest, u64)>,
 ) -> DownReason {
     let inner = &node.inner;
-    let limits = inner.config.limits;
     let stats = &inner.stats;
     let mut inflight = FuturesUnordered::new();
-    let mut accepted: u64 = 0;
+    // Streams whose next message waits for credit, oldest first, and the bytes they hold
+    // uncharged (the rest of the chunk that carried the header). While under a quarter of the
+    // budget, new streams are still accepted: the one that fills a gap may be among them, and
+    // may draw on the reserve.
+    let mut parked: VecDeque<Reading<C::RecvStream>> = VecDeque::new();
+    let mut parked_bytes = 0;
+    let parked_max = reader.budget.limit() / 4;
     let mut goodbye_open = true;
-    let mut got = Vec::new();
     let mut out = Vec::new();
     let mut route = Route::default();
     loop {
-        if let Some((reason, streams)) = &*goodbye.borrow() {
-            if accepted >= *streams && inflight.is_empty() {
-                return DownReason::Goodbye(reason.clone());
-            }
+        if let Some(reason) = reader.machine.goodbye_done() {
+            return DownReason::Goodbye(reason.to_string());
         }
-        let end = tokio::select! {
-            Some((mut read, end)) = inflight.next(), if !inflight.is_empty() => {
-                std::mem::swap(&mut got, &mut read);
-                end
+        if let Some(why) = reader.machine.closed() {
+            return DownReason::PeerMisbehaved(why.clone());
+        }
+        let deadline = reader.machine.poll_timeout();
+        // What the oldest parked stream waits for.
+        let wants = parked.front().map_or((0, 0), |rd| rd.wants);
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
             }
-            r = conn.accept_uni(), if inflight.len() < MAX_READS => match r {
+        };
+        let step = tokio::select! {
+            Some((rd, chunk)) = inflight.next(), if !inflight.is_empty() => {
+                reader.advance(rd, Some(chunk), Instant::now(), &mut out)
+            }
+            r = conn.accept_uni(), if parked_bytes < parked_max
+                && inflight.len() + parked.len() < MAX_READS => match r {
                 Ok(Some(stream)) => {
-                    accepted += 1;
-                    read_now(stream, MessageAssembler::new(limits), &mut got)
+                    reader.machine.on_stream_accepted();
+                    let rd = Reading {
+                        stream,
+                        asm: MessageAssembler::new(reader.limits),
+                        credit: None,
+                        wants: (0, 0),
+                    };
+                    reader.advance(rd, None, Instant::now(), &mut out)
                 }
                 // Closed gracefully: the close itself says why.
                 Ok(None) => return down_from(conn.closed().await),
@@ -1168,27 +1297,67 @@ async fn read_loop<C: Connection>(
             },
             changed = goodbye.changed(), if goodbye_open => {
                 goodbye_open = changed.is_ok();
+                if let Some((reason, streams)) = goodbye.borrow().clone() {
+                    reader.machine.on_goodbye(reason, streams);
+                }
                 continue;
             }
             Some((from, to, seq)) = lost.recv() => {
                 // The sender never finished this message: stop waiting for it (counted once,
                 // and only if it had not arrived after all).
-                if reorder.on_lost(&(from, to), seq, &mut out) {
-                    stats.lost_messages.fetch_add(1, Ordering::Relaxed);
+                let c = reader.machine.on_lost_notice(Instant::now(), from, to, seq, &mut out);
+                reader.count(c);
+                Step::Ended
+            }
+            () = reader.budget.freed(wants.0, wants.1), if !parked.is_empty() => {
+                // Some of the budget came back: parked streams go on, oldest first.
+                let now = Instant::now();
+                while let Some(rd) = parked.pop_front() {
+                    parked_bytes -= parked_size(&rd);
+                    match reader.advance(rd, None, now, &mut out) {
+                        Step::Parked(rd) => {
+                            parked_bytes += parked_size(&rd);
+                            parked.push_front(rd);
+                            break;
+                        }
+                        Step::Wait(rd) => inflight.push(next_chunk(rd)),
+                        Step::Ended => {}
+                    }
                 }
-                StreamEnd::Done(Ok(()))
+                Step::Ended
+            }
+            () = timer, if deadline.is_some() => {
+                if let Some(why) = reader.machine.handle_timeout(Instant::now()) {
+                    return DownReason::PeerMisbehaved(why.clone());
+                }
+                continue;
             }
         };
-        let failed = match end {
-            StreamEnd::Done(r) => r.err(),
-            StreamEnd::More(stream, asm) => {
-                inflight.push(read_more(stream, asm));
-                None
+        match step {
+            Step::Ended => {}
+            Step::Wait(rd) => inflight.push(next_chunk(rd)),
+            Step::Parked(rd) => {
+                parked_bytes += parked_size(&rd);
+                parked.push_back(rd);
             }
-        };
-        place(node, link, reorder, &mut got, failed, &mut out);
+        }
+        if !parked.is_empty() || reader.machine.poll_timeout().is_some() {
+            reader
+                .machine
+                .on_budget(Instant::now(), !parked.is_empty(), reader.budget.used());
+        }
+        let c = std::mem::take(&mut reader.counted);
+        if c != Counted::default() {
+            stats.lost_messages.fetch_add(c.lost, Ordering::Relaxed);
+            stats
+                .oversized_messages
+                .fetch_add(c.oversized, Ordering::Relaxed);
+            stats
+                .malformed_messages
+                .fetch_add(c.malformed, Ordering::Relaxed);
+        }
         for msg in out.drain(..) {
-            deliver(node, link, Some(budget), &mut route, msg).await;
+            deliver(node, link, &mut route, msg).await;
         }
         route.flush(inner, link);
     }
@@ -1266,21 +1435,11 @@ impl Route {
     }
 }
 
-/// What a delivered message is charged against the link's budget beyond its payload: its place
-/// in the mailbox and its bookkeeping.
-const MESSAGE_OVERHEAD: usize = 128;
-
-/// Readies a message for its local destination, charged to the link's budget (waiting while
-/// the budget is spent: the link then stops reading and QUIC flow control slows the sender).
-/// The message reaches the mailbox at the route's next flush.
-async fn deliver(
-    node: &Node,
-    link: &LinkHandle,
-    budget: Option<&Arc<Budget>>,
-    route: &mut Route,
-    msg: ReadMessage,
-) {
+/// Readies a message for its local destination; the message reaches the mailbox at the
+/// route's next flush, still holding its credit of the link budget.
+async fn deliver(node: &Node, link: &LinkHandle, route: &mut Route, incoming: Incoming) {
     let inner = &node.inner;
+    let Incoming { msg, credit, .. } = incoming;
     if !route.aim(inner, link, &msg.header.to) {
         inner.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
         debug!(node = %inner.name, peer = %link.peer, to = ?msg.header.to, "dead letter");
@@ -1292,24 +1451,14 @@ async fn deliver(
     // pairs' later messages then waited in the reorder buffer (measured: 25,632 of 436k
     // streams read in two goes and 356k messages held back, against 626 and 8k with it).
     tokio::task::consume_budget().await;
-    let charge = msg.payload.len() + MESSAGE_OVERHEAD;
-    let credit = match budget {
-        Some(budget) => Some(Credit::Link(match budget.try_take(charge) {
-            Some(credit) => credit,
-            None => {
-                // Hand over what is pending first: its readers are what frees the budget.
-                route.flush(inner, link);
-                budget.take(charge).await
-            }
-        })),
-        None => None,
-    };
     let from = msg.header.from.map(|id| Pid {
         node: link.peer.clone(),
         id,
         creation: link.peer_creation,
     });
-    route.pending.push(Message::new(from, msg.payload, credit));
+    route
+        .pending
+        .push(Message::new(from, msg.payload, credit.map(Credit::Link)));
 }
 
 async fn control_loop<S: SendStream, R: RecvStream>(
@@ -1319,7 +1468,7 @@ async fn control_loop<S: SendStream, R: RecvStream>(
     dec: &mut FrameDecoder,
     mut frames: mpsc::UnboundedReceiver<Frame>,
     goodbye: &watch::Sender<Option<(String, u64)>>,
-    lost: &mpsc::UnboundedSender<(Option<u64>, Dest, u64)>,
+    lost: &mpsc::Sender<(Option<u64>, Dest, u64)>,
 ) -> DownReason {
     let stats = &node.inner.stats;
     let violation = |why: String| {
@@ -1350,7 +1499,7 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                                 let _ = goodbye.send(Some((reason, streams)));
                             }
                             Ok(Some(Frame::Lost { from, to, seq })) => {
-                                let _ = lost.send((from, to, seq));
+                                let _ = lost.send((from, to, seq)).await;
                             }
                             Ok(Some(other)) => {
                                 return violation(format!("unexpected {} frame", other.kind()));

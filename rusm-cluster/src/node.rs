@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor};
+use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
 use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
 use rusm_cluster_core::wire::{Dest, Limits};
 use tokio::sync::broadcast;
@@ -44,12 +45,18 @@ pub struct NodeConfig {
     pub tuning: TransportTuning,
     /// Messages a local sender may queue in one process's mailbox before it waits.
     pub mailbox_capacity: usize,
-    /// Bytes of received messages one link may have waiting in mailboxes before it stops
-    /// reading (QUIC flow control then slows the sender). Bounds memory under a flood. Each
-    /// message counts its payload plus 128 bytes of bookkeeping. Default 16 MiB.
+    /// Bytes one peer may make this node hold — messages waiting in mailboxes, held back behind
+    /// a gap in their pair's numbers, or half received — before its link stops reading (QUIC
+    /// flow control then slows the sender). Each message is charged its declared length plus
+    /// 128 bytes of bookkeeping *before* its payload is read; a message that fills its pair's
+    /// gap may draw on a reserve of as much again, so out-of-order messages can never wedge the
+    /// one that frees them. Bounds memory under a flood. Default 16 MiB.
     pub link_budget_bytes: usize,
     /// How long dialling plus the hello exchange may take.
     pub handshake_timeout: Duration,
+    /// How long a peer may leave a gap in a pair's numbers, or keep the link budget spent on
+    /// unfinished messages, before its link is closed with [`DownReason::PeerMisbehaved`].
+    pub inbound: InboundConfig,
     /// Opt-in coalescing of queued messages to one peer into shared streams (off by default:
     /// each message then travels on a stream of its own). See [`Coalescing`].
     pub coalescing: Option<Coalescing>,
@@ -102,6 +109,7 @@ impl Default for NodeConfig {
             mailbox_capacity: 1024,
             link_budget_bytes: 16 << 20,
             handshake_timeout: Duration::from_secs(5),
+            inbound: InboundConfig::default(),
             coalescing: None,
         }
     }
@@ -141,6 +149,9 @@ pub enum DownReason {
     ProtocolViolation(String),
     /// This node shut down.
     Shutdown,
+    /// The peer made this node hold more than it may (a gap never filled, the link budget
+    /// spent on its unfinished messages, a flood of lost notices); we closed the link.
+    PeerMisbehaved(InboundClose),
 }
 
 impl fmt::Display for DownReason {
@@ -151,6 +162,7 @@ impl fmt::Display for DownReason {
             DownReason::ConnectionLost(r) => write!(f, "connection lost: {r}"),
             DownReason::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
             DownReason::Shutdown => f.write_str("this node shut down"),
+            DownReason::PeerMisbehaved(why) => write!(f, "peer misbehaved: {why}"),
         }
     }
 }

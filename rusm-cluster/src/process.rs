@@ -248,9 +248,9 @@ pub(crate) enum Credit {
     Link(#[allow(dead_code)] LinkCredit),
 }
 
-/// Bytes of received messages one link may have waiting in mailboxes. One task (the link's
-/// reader) takes from it; any number of receiving processes give back, with two atomic
-/// operations and no lock.
+/// Bytes one link may make this node hold: messages waiting in mailboxes, held back behind a
+/// gap, or half received. One task (the link's reader) takes from it; any number of receiving
+/// processes give back, with two atomic operations and no lock.
 #[derive(Debug)]
 pub(crate) struct Budget {
     limit: usize,
@@ -270,29 +270,59 @@ impl Budget {
         })
     }
 
+    /// The budget's size.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Takes `amount` bytes (at most the whole budget), waiting while they are not free. Only
     /// one task may take from a budget.
+    #[cfg(test)]
     pub(crate) async fn take(self: &Arc<Self>, amount: usize) -> LinkCredit {
-        let amount = amount.min(self.limit);
         loop {
             if let Some(credit) = self.try_take(amount) {
                 return credit;
             }
+            self.freed(amount, self.limit).await;
+        }
+    }
+
+    /// Waits until `amount` bytes (at most the whole budget) fit under `ceiling`. Only one task
+    /// may wait on a budget.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is taken.
+    pub(crate) async fn freed(&self, amount: usize, ceiling: usize) {
+        let amount = amount.min(self.limit);
+        loop {
             let freed = self.freed.notified();
             // Flag, then look again: a giver subtracts, then looks at the flag, so one of the
             // two sees the other.
             self.waiting.store(true, Ordering::SeqCst);
-            if self.used.load(Ordering::SeqCst) + amount > self.limit {
-                freed.await;
+            if self.used.load(Ordering::SeqCst) + amount <= ceiling {
+                break;
             }
-            self.waiting.store(false, Ordering::SeqCst);
+            freed.await;
         }
+        self.waiting.store(false, Ordering::SeqCst);
     }
 
     /// Takes `amount` bytes (at most the whole budget) if they are free now.
+    #[cfg(test)]
     pub(crate) fn try_take(self: &Arc<Self>, amount: usize) -> Option<LinkCredit> {
+        self.try_take_within(amount, self.limit)
+    }
+
+    /// Takes `amount` bytes (at most the whole budget) if that keeps what is in use within
+    /// `ceiling`, which may lie above the budget: the reserve a message that fills a gap may
+    /// draw on.
+    pub(crate) fn try_take_within(
+        self: &Arc<Self>,
+        amount: usize,
+        ceiling: usize,
+    ) -> Option<LinkCredit> {
         let amount = amount.min(self.limit);
-        if self.used.load(Ordering::SeqCst) + amount > self.limit {
+        if self.used.load(Ordering::SeqCst) + amount > ceiling {
             return None;
         }
         self.used.fetch_add(amount, Ordering::SeqCst);
@@ -303,8 +333,7 @@ impl Budget {
     }
 
     /// Bytes taken and not yet given back.
-    #[cfg(test)]
-    fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::SeqCst)
     }
 }
@@ -388,6 +417,13 @@ mod tests {
         assert_eq!(budget.used(), 1000);
         drop(c);
         assert_eq!(budget.used(), 0);
+        // A message that fills a gap may draw on a reserve above the budget, and no further.
+        let full = budget.try_take(1000).unwrap();
+        assert!(budget.try_take(1).is_none());
+        let over = budget.try_take_within(700, 2000).unwrap();
+        assert_eq!(budget.used(), 1700);
+        assert!(budget.try_take_within(400, 2000).is_none());
+        drop((full, over));
         // Givers on other threads racing the taker: no wake-up is lost.
         let race = async {
             let mut credits = Vec::new();

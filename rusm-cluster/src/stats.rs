@@ -58,4 +58,11 @@ counters! {
     links_up,
     /// Links that went down.
     links_down,
+    /// Links closed because a peer left a gap in a pair's numbers unfilled for the gap timeout
+    /// while later messages waited ([`InboundClose::GapTimeout`](crate::InboundClose)).
+    gap_timeouts,
+    /// Links closed because a peer kept the link budget spent on unfinished or held-back
+    /// messages for the stall timeout, or flooded lost notices
+    /// ([`InboundClose::Stalled`](crate::InboundClose), `TooManyLosses`).
+    stalled_links,
 }

@@ -301,6 +301,11 @@ impl MessageAssembler {
         self.awaiting = false;
     }
 
+    /// Bytes of a chunk kept while a message waits for credit.
+    pub fn stashed_len(&self) -> usize {
+        self.stash.as_ref().map_or(0, Bytes::len)
+    }
+
     /// Whether a header was read and its message waits for [`grant`](Self::grant).
     pub fn is_awaiting_credit(&self) -> bool {
         self.awaiting
