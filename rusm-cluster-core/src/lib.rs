@@ -8,12 +8,15 @@
 //! - [`link`]: the handshake checks and the duplicate-link tie-break (sans-IO).
 //! - [`inbound`]: the receiving half of a link — order, losses, goodbye drain, memory bounds
 //!   and the typed reasons to close (sans-IO).
+//! - [`router`]: capabilities negotiated per link and the one router of their control frames
+//!   (sans-IO).
 //! - [`order`]: per-pair message ordering over independent streams (sans-IO).
 
 pub mod identity;
 pub mod inbound;
 pub mod link;
 pub mod order;
+pub mod router;
 pub mod tls;
 pub mod transport;
 pub mod wire;

@@ -2,10 +2,12 @@
 //! certificate, and the tie-break when two nodes dial each other at once.
 
 use crate::identity::{NodeName, PeerIdentity};
-use crate::wire::{Hello, RejectReason, Welcome, PROTOCOL_VERSION};
+use crate::router::negotiate_version;
+use crate::wire::{Hello, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-/// What the listener checks before it welcomes a dialler:
-/// - the protocol version is ours;
+/// What the listener checks before it welcomes a dialler, giving the protocol version the link
+/// will speak:
+/// - the two ends speak a common protocol version (the newest common one is used);
 /// - the dialler does not claim our own name;
 /// - the name in the hello is one its certificate is valid for (with CA-issued identities), so no
 ///   node can claim another's name. With a shared identity there is no binding to check, but both
@@ -15,17 +17,14 @@ pub fn check_hello(
     peer: &PeerIdentity,
     local: &NodeName,
     local_shared: bool,
-) -> Result<(), RejectReason> {
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(RejectReason::UnsupportedProtocol {
-            ours: PROTOCOL_VERSION,
-            theirs: hello.protocol,
-        });
-    }
-    check_name(&hello.name, peer, local, local_shared)
+) -> Result<u32, RejectReason> {
+    let version = negotiate_version(hello.min_protocol, hello.protocol)?;
+    check_name(&hello.name, peer, local, local_shared)?;
+    Ok(version)
 }
 
-/// What the dialler checks in the listener's welcome: the version, and that the listener is the
+/// What the dialler checks in the listener's welcome: the version it chose is one we speak, and
+/// that the listener is the
 /// node we dialled (TLS already checked the certificate against the name we dialled; this catches
 /// a welcome that names someone else).
 pub fn check_welcome(
@@ -35,7 +34,7 @@ pub fn check_welcome(
     local: &NodeName,
     local_shared: bool,
 ) -> Result<(), RejectReason> {
-    if welcome.protocol != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.protocol) {
         return Err(RejectReason::UnsupportedProtocol {
             ours: PROTOCOL_VERSION,
             theirs: welcome.protocol,
@@ -86,6 +85,8 @@ mod tests {
     fn hello(name: &str, protocol: u32) -> Hello {
         Hello {
             protocol,
+            min_protocol: None,
+            capabilities: vec![],
             name: NodeName::new(name).unwrap(),
             creation: 1,
             listen_addr: None,
@@ -107,7 +108,7 @@ mod tests {
         let london = NodeName::new("london").unwrap();
         assert_eq!(
             check_hello(&hello("paris", PROTOCOL_VERSION), &paris, &london, false),
-            Ok(())
+            Ok(PROTOCOL_VERSION)
         );
         assert_eq!(
             check_hello(&hello("paris", PROTOCOL_VERSION), &mallory, &london, false),
@@ -138,7 +139,7 @@ mod tests {
         let london = NodeName::new("london").unwrap();
         assert_eq!(
             check_hello(&hello("anyone", PROTOCOL_VERSION), &shared, &london, true),
-            Ok(())
+            Ok(PROTOCOL_VERSION)
         );
         assert_eq!(
             check_hello(&hello("anyone", PROTOCOL_VERSION), &shared, &london, false),

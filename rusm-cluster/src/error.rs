@@ -5,6 +5,7 @@ use bytes::Bytes;
 use rusm_cluster_core::identity::{IdentityError, NodeName};
 use rusm_cluster_core::tls::TlsError;
 use rusm_cluster_core::transport::TransportError;
+use rusm_cluster_core::wire::RejectReason;
 
 use crate::pid::Pid;
 
@@ -54,8 +55,18 @@ pub enum Error {
     Rejected {
         /// The node dialled.
         node: NodeName,
-        /// Why, as the refusing side said it.
-        reason: String,
+        /// Why: the refusing side's reject frame, or the TLS alert
+        /// ([`RejectReason::Tls`](crate::core::wire::RejectReason::Tls)).
+        reason: RejectReason,
+    },
+    /// A capability frame for a peer whose link does not use that capability (the peer, or
+    /// this node, did not announce it).
+    #[error("the link to {node} does not use capability {capability:?}")]
+    CapabilityNotNegotiated {
+        /// The peer.
+        node: NodeName,
+        /// The capability.
+        capability: String,
     },
     /// The transport failed (connection lost, endpoint could not bind, ...).
     #[error("transport: {0}")]
@@ -87,15 +98,27 @@ impl From<IdentityError> for Error {
     }
 }
 
-/// A send that failed, with the payload handed back so nothing is lost silently.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
+/// A send that failed, with the payload handed back so nothing is lost silently. It displays
+/// as its [`error`](Self::error) and has that error's source, so an error report does not say
+/// the same thing twice.
+#[derive(Debug, Clone)]
 pub struct SendError {
     /// Why the message was not sent.
-    #[source]
     pub error: Error,
     /// The message that was not sent.
     pub payload: Bytes,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
 }
 
 impl SendError {
@@ -112,5 +135,27 @@ impl SendError {
 impl From<SendError> for Error {
     fn from(e: SendError) -> Self {
         e.error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn a_send_error_says_why_once() {
+        let node = NodeName::new("london").unwrap();
+        let e = SendError::new(
+            Error::Transport(TransportError::TimedOut),
+            Bytes::from_static(b"hi"),
+        );
+        assert_eq!(e.to_string(), "transport: peer timed out");
+        // The chain goes on below the error, not back to it.
+        let source = e.source().expect("the transport error").to_string();
+        assert_eq!(source, "peer timed out");
+        let e = SendError::new(Error::NotConnected { node }, Bytes::new());
+        assert!(e.source().is_none());
+        assert_eq!(e.to_string(), "not connected to node london");
     }
 }

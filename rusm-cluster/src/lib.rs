@@ -48,6 +48,7 @@
 //! - [`Identity::generate`] makes one identity shared by all nodes: simpler, but **any holder of
 //!   it can claim any node name**, and there is no per-node revocation.
 
+mod capability;
 mod error;
 mod link;
 mod node;
@@ -55,6 +56,7 @@ mod pid;
 mod process;
 mod stats;
 
+pub use capability::Capability;
 pub use error::{Error, SendError};
 #[cfg(any(feature = "quinn", feature = "s2n"))]
 pub use node::DefaultTransport;

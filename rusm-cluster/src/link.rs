@@ -27,14 +27,15 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::inbound::{Counted, Inbound, InboundClose, InboundMessage};
 use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
+use rusm_cluster_core::router::LinkCapabilities;
 use rusm_cluster_core::tls;
 use rusm_cluster_core::transport::{
-    close_code, Connection, RecvStream, SendStream, Transport, TransportError,
+    close_code, stream_code, Connection, RecvStream, SendStream, Transport, TransportError,
 };
 use rusm_cluster_core::wire::{
     encode_frame, encode_header_into, encoded_header_len, Dest, EnvelopeHeader, Frame,
     FrameDecoder, Hello, Limits, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason,
-    Welcome, WireError, PROTOCOL_VERSION,
+    Welcome, WireError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
@@ -101,7 +102,7 @@ async fn send_message<C: Connection>(
         let node = link.peer.clone();
         return Err(SendError::new(Error::NotConnected { node }, payload));
     };
-    let mut stream = match conn.open_uni().await {
+    let stream = match conn.open_uni().await {
         Ok(s) => s,
         Err(e) => {
             let error = if e.is_connection_error() {
@@ -130,7 +131,9 @@ async fn send_message<C: Connection>(
     let mut lost = LostGuard {
         link,
         notice: Some(header),
+        stream,
     };
+    let stream = &mut lost.stream;
     let write = if payload.len() <= COALESCE_MAX {
         // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
         // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
@@ -158,7 +161,7 @@ async fn send_message<C: Connection>(
             }
             let error = match e {
                 TransportError::StreamStopped { code }
-                    if code == u64::from(rusm_cluster_core::transport::stream_code::TOO_LARGE) =>
+                    if code == u64::from(stream_code::TOO_LARGE) =>
                 {
                     Error::MessageTooLarge {
                         size: payload.len(),
@@ -175,15 +178,19 @@ async fn send_message<C: Connection>(
     }
 }
 
-/// Tells the peer a numbered message will never arrive whole, unless disarmed.
-struct LostGuard<'a> {
+/// Unless disarmed, resets the message's stream with [`stream_code::CANCELLED`] (so the peer
+/// drops what arrived of it instead of reading a truncated message) and tells the peer the
+/// numbered message will never arrive whole.
+struct LostGuard<'a, S: SendStream> {
     link: &'a LinkHandle,
     notice: Option<EnvelopeHeader>,
+    stream: S,
 }
 
-impl Drop for LostGuard<'_> {
+impl<S: SendStream> Drop for LostGuard<'_, S> {
     fn drop(&mut self) {
         if let Some(h) = self.notice.take() {
+            self.stream.reset(stream_code::CANCELLED);
             let _ = self.link.control.send(Frame::Lost {
                 from: h.from,
                 to: h.to,
@@ -452,6 +459,10 @@ pub(crate) struct LinkHandle {
     peer_creation: u64,
     pub(crate) peer_max_message: usize,
     sender: Box<dyn LinkSender>,
+    /// The capabilities both ends announced.
+    pub(crate) capabilities: LinkCapabilities,
+    /// The peer is hidden (an attach client): it never joins the mesh.
+    pub(crate) hidden: bool,
     /// Present when the link coalesces.
     outbox: Option<Outbox>,
     control: mpsc::UnboundedSender<Frame>,
@@ -479,7 +490,16 @@ impl LinkHandle {
             messages_sent: self.sent.load(Ordering::Relaxed),
             streams_sent: self.streams.load(Ordering::Relaxed),
             messages_received: self.received.load(Ordering::Relaxed),
+            capabilities: self.capabilities.common().to_vec(),
+            hidden: self.hidden,
         }
+    }
+
+    /// Queues a control frame for the peer; `NotConnected` once the link is down.
+    pub(crate) fn send_frame(&self, frame: Frame) -> Result<(), Error> {
+        self.control.send(frame).map_err(|_| Error::NotConnected {
+            node: self.peer.clone(),
+        })
     }
 
     /// Sends one message on its own stream (see [`send_message`]), or queues it when the link
@@ -609,14 +629,14 @@ fn linking_error(peer: &NodeName, e: TransportError) -> Error {
     match e {
         TransportError::Handshake { reason } => Error::Rejected {
             node: peer.clone(),
-            reason,
+            reason: RejectReason::Tls(reason),
         },
         TransportError::ClosedByPeer { code, reason }
             if code == u64::from(close_code::REJECTED) =>
         {
             Error::Rejected {
                 node: peer.clone(),
-                reason,
+                reason: RejectReason::Other(reason),
             }
         }
         other => Error::Transport(other),
@@ -670,6 +690,8 @@ pub(crate) async fn dial<T: Transport>(
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| linking_error(&peer, e))?;
     let hello = Frame::Hello(Hello {
         protocol: PROTOCOL_VERSION,
+        min_protocol: Some(MIN_PROTOCOL_VERSION),
+        capabilities: inner.router.names(),
         name: inner.name.clone(),
         creation: inner.creation,
         listen_addr: Some(inner.local_addr),
@@ -687,7 +709,7 @@ pub(crate) async fn dial<T: Transport>(
         conn.close(close_code::REJECTED, reason.to_string().as_bytes());
         Error::Rejected {
             node: peer.clone(),
-            reason: reason.to_string(),
+            reason,
         }
     };
     let welcome = match read_frame(&mut recv, &mut dec).await {
@@ -700,7 +722,7 @@ pub(crate) async fn dial<T: Transport>(
             conn.close(close_code::REJECTED, b"rejected");
             return Err(Error::Rejected {
                 node: peer.clone(),
-                reason: reason.to_string(),
+                reason,
             });
         }
         FrameRead::Frame(other) => {
@@ -737,9 +759,13 @@ pub(crate) async fn dial<T: Transport>(
                 &node,
                 &mut links,
                 &conn,
-                &welcome.name,
-                welcome.creation,
-                welcome.max_message_size,
+                Intro {
+                    name: &welcome.name,
+                    creation: welcome.creation,
+                    max_message: welcome.max_message_size,
+                    capabilities: &welcome.capabilities,
+                    hidden: false,
+                },
             ))
         }
     };
@@ -747,27 +773,37 @@ pub(crate) async fn dial<T: Transport>(
         conn.close(close_code::NORMAL, b"shutting down");
         return Err(Error::Shutdown);
     };
-    announce_up(inner, &link);
+    announce_up(&node, &link);
     tokio::spawn(run_link(node.clone(), link, conn, send, recv, dec, rx));
     Ok(Dialled::Up)
 }
 
 /// Creates the handle of a new link and records it as up (the caller holds the links lock).
+/// What a peer said of itself in its hello or welcome.
+struct Intro<'a> {
+    name: &'a NodeName,
+    creation: u64,
+    max_message: u64,
+    capabilities: &'a [String],
+    hidden: bool,
+}
+
 fn register<C: Connection>(
     node: &Node,
     links: &mut crate::node::Links,
     conn: &C,
-    peer: &NodeName,
-    creation: u64,
-    max_message: u64,
+    intro: Intro<'_>,
 ) -> (Arc<LinkHandle>, mpsc::UnboundedReceiver<Frame>) {
     let (control, control_rx) = mpsc::unbounded_channel();
+    let peer = intro.name;
     let link = Arc::new(LinkHandle {
         id: node.inner.next_link_id.fetch_add(1, Ordering::Relaxed),
         peer: peer.clone(),
         addr: conn.remote_addr(),
-        peer_creation: creation,
-        peer_max_message: usize::try_from(max_message).unwrap_or(usize::MAX),
+        peer_creation: intro.creation,
+        peer_max_message: usize::try_from(intro.max_message).unwrap_or(usize::MAX),
+        capabilities: LinkCapabilities::negotiate(&node.inner.router.names(), intro.capabilities),
+        hidden: intro.hidden,
         sender: Box::new(TypedSender(conn.clone())),
         outbox: node.inner.config.coalescing.map(Outbox::new),
         control,
@@ -786,13 +822,18 @@ fn register<C: Connection>(
     (link, control_rx)
 }
 
-fn announce_up(inner: &NodeInner, link: &LinkHandle) {
+/// The link is up: counted, logged, told to subscribers and to the capabilities it uses.
+fn announce_up(node: &Node, link: &LinkHandle) {
+    let inner = &node.inner;
     inner.stats.links_up.fetch_add(1, Ordering::Relaxed);
-    info!(node = %inner.name, peer = %link.peer, addr = %link.addr, "link up");
+    info!(node = %inner.name, peer = %link.peer, addr = %link.addr, capabilities = ?link.capabilities.common(), "link up");
     let _ = inner.events.send(NodeEvent::NodeUp {
         node: link.peer.clone(),
         addr: link.addr,
     });
+    for capability in inner.router.on_link(&link.capabilities) {
+        capability.on_link_up(node, &link.peer);
+    }
 }
 
 /// Accepts connections until the endpoint closes; each handshake runs in its own task.
@@ -863,15 +904,18 @@ async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
         }
         FrameRead::Transport(_) | FrameRead::Eof => return,
     };
-    if let Err(reason) = check_hello(
+    let version = match check_hello(
         &hello,
         conn.peer_identity(),
         &inner.name,
         inner.shared_identity,
     ) {
-        warn!(node = %inner.name, claimed = %hello.name, %reason, "hello refused");
-        return refuse(inner, &conn, &mut send, reason).await;
-    }
+        Ok(version) => version,
+        Err(reason) => {
+            warn!(node = %inner.name, claimed = %hello.name, %reason, "hello refused");
+            return refuse(inner, &conn, &mut send, reason).await;
+        }
+    };
     let registered = {
         let mut links = lock(&inner.links);
         if links.shut_down {
@@ -885,9 +929,13 @@ async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
                 &node,
                 &mut links,
                 &conn,
-                &hello.name,
-                hello.creation,
-                hello.max_message_size,
+                Intro {
+                    name: &hello.name,
+                    creation: hello.creation,
+                    max_message: hello.max_message_size,
+                    capabilities: &hello.capabilities,
+                    hidden: hello.hidden,
+                },
             ))
         }
     };
@@ -896,7 +944,8 @@ async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
         Err(reason) => return refuse(inner, &conn, &mut send, reason).await,
     };
     let welcome = Frame::Welcome(Welcome {
-        protocol: PROTOCOL_VERSION,
+        protocol: version,
+        capabilities: inner.router.names(),
         name: inner.name.clone(),
         creation: inner.creation,
         listen_addr: Some(inner.local_addr),
@@ -909,7 +958,7 @@ async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
             reason: e.to_string(),
         }),
     };
-    announce_up(inner, &link);
+    announce_up(&node, &link);
     if let Err(e) = sent {
         // The dialler vanished mid-handshake: the link comes down at once, with NodeDown.
         debug!(node = %inner.name, error = %e, "welcome not delivered");
@@ -977,6 +1026,7 @@ async fn run_link<C: Connection>(
         let reader = read_loop(&node, &link, &conn, &mut reader, goodbye_rx, lost_rx);
         let control = control_loop(
             &node,
+            &link,
             &mut ctl_send,
             &mut ctl_recv,
             &mut dec,
@@ -1003,7 +1053,9 @@ async fn run_link<C: Connection>(
         reason
     };
     let code = match &reason {
-        DownReason::ProtocolViolation(_) => close_code::PROTOCOL,
+        DownReason::ProtocolViolation(_)
+        | DownReason::CapabilityRefused(_)
+        | DownReason::PeerMisbehaved(_) => close_code::PROTOCOL,
         _ => close_code::NORMAL,
     };
     conn.close(code, reason.to_string().as_bytes());
@@ -1033,6 +1085,9 @@ async fn run_link<C: Connection>(
         deliver(&node, &link, &mut route, msg).await;
     }
     route.flush(inner, &link);
+    for capability in inner.router.on_link(&link.capabilities) {
+        capability.on_link_down(&node, &link.peer);
+    }
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
     info!(node = %inner.name, peer = %link.peer, %reason, "link down");
     let _ = inner.events.send(NodeEvent::NodeDown {
@@ -1461,8 +1516,10 @@ async fn deliver(node: &Node, link: &LinkHandle, route: &mut Route, incoming: In
         .push(Message::new(from, msg.payload, credit.map(Credit::Link)));
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn control_loop<S: SendStream, R: RecvStream>(
     node: &Node,
+    link: &LinkHandle,
     send: &mut S,
     recv: &mut R,
     dec: &mut FrameDecoder,
@@ -1500,6 +1557,15 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                             }
                             Ok(Some(Frame::Lost { from, to, seq })) => {
                                 let _ = lost.send((from, to, seq)).await;
+                            }
+                            Ok(Some(Frame::Capability { capability, body })) => {
+                                match node.inner.router.route(&link.capabilities, &capability) {
+                                    Ok(handler) => handler.on_frame(node, &link.peer, body),
+                                    Err(e) => {
+                                        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                                        return DownReason::CapabilityRefused(e);
+                                    }
+                                }
                             }
                             Ok(Some(other)) => {
                                 return violation(format!("unexpected {} frame", other.kind()));

@@ -15,11 +15,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor};
 use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
+use rusm_cluster_core::router::{RouteError, Router};
 use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
-use rusm_cluster_core::wire::{Dest, Limits};
+use rusm_cluster_core::wire::{Dest, Frame, Limits};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use crate::capability::Capability;
 use crate::error::{Error, SendError};
 use crate::link::{self, Dialled, LinkHandle};
 use crate::pid::Pid;
@@ -149,6 +151,9 @@ pub enum DownReason {
     ProtocolViolation(String),
     /// This node shut down.
     Shutdown,
+    /// The peer sent a frame of a capability the link does not use (it, or this node, did not
+    /// announce it); we closed the link.
+    CapabilityRefused(RouteError),
     /// The peer made this node hold more than it may (a gap never filled, the link budget
     /// spent on its unfinished messages, a flood of lost notices); we closed the link.
     PeerMisbehaved(InboundClose),
@@ -163,6 +168,7 @@ impl fmt::Display for DownReason {
             DownReason::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
             DownReason::Shutdown => f.write_str("this node shut down"),
             DownReason::PeerMisbehaved(why) => write!(f, "peer misbehaved: {why}"),
+            DownReason::CapabilityRefused(why) => write!(f, "protocol violation: {why}"),
         }
     }
 }
@@ -185,6 +191,10 @@ pub struct PeerInfo {
     pub streams_sent: u64,
     /// Messages received from it on this link.
     pub messages_received: u64,
+    /// The capabilities the link uses (both ends announced them).
+    pub capabilities: Vec<String>,
+    /// The peer is hidden (an attach client): it never joins the mesh.
+    pub hidden: bool,
 }
 
 /// Type-erased transport operations (the node is not generic; the driver is).
@@ -241,6 +251,8 @@ pub(crate) struct NodeInner {
     pub(crate) stats: Stats,
     pub(crate) dialer: Box<dyn Dialer>,
     pub(crate) next_link_id: AtomicU64,
+    /// The node's capabilities, by name.
+    pub(crate) router: Router<Arc<dyn Capability>>,
 }
 
 /// A running node. Cheap to clone (all clones are the same node).
@@ -293,6 +305,7 @@ pub struct NodeBuilder<T> {
     trust: Option<TrustAnchor>,
     listen: SocketAddr,
     config: NodeConfig,
+    capabilities: Vec<Arc<dyn Capability>>,
     _transport: PhantomData<fn() -> T>,
 }
 
@@ -323,6 +336,7 @@ impl<T: Transport> NodeBuilder<T> {
             trust: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             config: NodeConfig::default(),
+            capabilities: Vec::new(),
             _transport: PhantomData,
         }
     }
@@ -335,6 +349,7 @@ impl<T: Transport> NodeBuilder<T> {
             trust: self.trust,
             listen: self.listen,
             config: self.config,
+            capabilities: self.capabilities,
             _transport: PhantomData,
         }
     }
@@ -361,6 +376,13 @@ impl<T: Transport> NodeBuilder<T> {
     /// Replaces the whole configuration.
     pub fn config(mut self, config: NodeConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Adds a [`Capability`]: a protocol on the control stream of every link whose peer has
+    /// it too. Two capabilities of one name are refused by [`start`](Self::start).
+    pub fn capability(mut self, capability: impl Capability) -> Self {
+        self.capabilities.push(Arc::new(capability));
         self
     }
 
@@ -394,6 +416,13 @@ impl<T: Transport> NodeBuilder<T> {
                 ))
             }
         };
+        let mut router = Router::new();
+        for capability in self.capabilities {
+            let name = capability.name().to_string();
+            if !router.register(&name, capability) {
+                return Err(Error::Config(format!("capability {name:?} added twice")));
+            }
+        }
         let transport = Arc::new(T::bind(EndpointConfig {
             identity: identity.clone(),
             trust,
@@ -422,6 +451,7 @@ impl<T: Transport> NodeBuilder<T> {
                 stats: Stats::default(),
                 dialer: Box::new(TypedDialer(transport.clone())),
                 next_link_id: AtomicU64::new(1),
+                router,
             }),
         };
         tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
@@ -758,6 +788,29 @@ impl Node {
             ));
         }
         link.send(from.map(|p| p.id), to, payload).await
+    }
+
+    /// Sends a frame of `capability` to `peer` on the link's control stream (see
+    /// [`Capability`]). Frames to one peer arrive in the order sent.
+    ///
+    /// Errors: [`Error::NotConnected`] when no link to `peer` is up;
+    /// [`Error::CapabilityNotNegotiated`] when the link does not use `capability`.
+    pub fn send_frame(&self, peer: &str, capability: &str, body: Bytes) -> Result<(), Error> {
+        let peer = NodeName::new(peer)?;
+        let link = lock(&self.inner.links).up.get(&peer).cloned();
+        let Some(link) = link else {
+            return Err(Error::NotConnected { node: peer });
+        };
+        if !link.capabilities.allows(capability) {
+            return Err(Error::CapabilityNotNegotiated {
+                node: link.peer.clone(),
+                capability: capability.to_string(),
+            });
+        }
+        link.send_frame(Frame::Capability {
+            capability: capability.to_string(),
+            body,
+        })
     }
 
     /// The peers with a link up.

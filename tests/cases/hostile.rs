@@ -41,6 +41,8 @@ impl<T: Transport> RawPeer<T> {
     pub async fn hello(&mut self, name: &str, version: u32) -> Option<Frame> {
         let hello = Frame::Hello(Hello {
             protocol: version,
+            min_protocol: None,
+            capabilities: vec![],
             name: name.try_into().unwrap(),
             creation: 1,
             listen_addr: None,

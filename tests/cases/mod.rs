@@ -6,6 +6,7 @@
 // Run from tests/memory_bounds.rs, alone in their process (they measure resident memory).
 #[allow(dead_code)]
 pub mod bounds;
+mod capabilities;
 mod coalescing;
 mod faults;
 mod hostile;
@@ -14,6 +15,7 @@ mod mixed;
 mod security;
 mod streams;
 
+pub use capabilities::*;
 pub use coalescing::*;
 pub use faults::*;
 pub use hostile::*;

@@ -78,7 +78,6 @@ enum Arrival {
 /// finite: if the large message arrives before the last small one is even sent, it fails as
 /// inconclusive instead of passing.
 // Unused until tests/conformance.rs registers it with `case!(small_messages_overtake_a_large_one);`.
-#[allow(dead_code)]
 pub async fn small_messages_overtake_a_large_one<T: Transport>() {
     use rusm_cluster::NodeConfig;
     const BIG: usize = 32 << 20;

@@ -127,6 +127,8 @@ mod tests {
     fn hello() -> Frame {
         Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
+            min_protocol: Some(1),
+            capabilities: vec!["rpc".into()],
             name: NodeName::new("london").unwrap(),
             creation: 7,
             listen_addr: Some("127.0.0.1:4000".parse().unwrap()),
@@ -148,6 +150,10 @@ mod tests {
                 reason: "bye".into(),
                 streams: 12,
             },
+            Frame::Capability {
+                capability: "rpc".into(),
+                body: Bytes::from_static(&[0, 1, 2, 0xff]),
+            },
         ];
         let mut wire = Vec::new();
         for f in &frames {
@@ -165,6 +171,42 @@ mod tests {
             d.finish().unwrap();
             assert_eq!(out, frames);
         }
+    }
+
+    #[test]
+    fn a_hello_from_a_node_without_capabilities_still_decodes() {
+        // The hello of a node built before version ranges and capabilities existed.
+        #[derive(serde::Serialize)]
+        enum OldFrame {
+            Hello {
+                protocol: u32,
+                name: String,
+                creation: u64,
+                listen_addr: Option<std::net::SocketAddr>,
+                peers: Vec<()>,
+                hidden: bool,
+                max_message_size: u64,
+            },
+        }
+        let old = OldFrame::Hello {
+            protocol: PROTOCOL_VERSION,
+            name: "london".into(),
+            creation: 7,
+            listen_addr: Some("127.0.0.1:4000".parse().unwrap()),
+            peers: vec![],
+            hidden: false,
+            max_message_size: 1 << 20,
+        };
+        let body = rmp_serde::to_vec_named(&old).unwrap();
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&(body.len() as u32).to_be_bytes());
+        d.push(&body);
+        let Some(Frame::Hello(h)) = d.next_frame().unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(h.min_protocol, None);
+        assert!(h.capabilities.is_empty());
+        assert_eq!(h.name.as_str(), "london");
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! Control-stream frames: the link handshake (`Hello`, `Welcome`, `Reject`) and `Goodbye`.
-//! Later capabilities (registry gossip, request/reply RPC, monitors) add variants here; frames are
-//! encoded as MessagePack maps, so a field added later is ignored by an older decoder.
+//! Control-stream frames: the link handshake (`Hello`, `Welcome`, `Reject`), the link's own
+//! `Lost` and `Goodbye`, and `Capability` frames, which carry the protocols built on links
+//! (registry gossip, request/reply, monitors, attach) without the link knowing them: each is
+//! announced in the hello, negotiated per link, and routed by name (see [`crate::router`]).
+//! Frames are encoded as MessagePack maps, so a field added later (`#[serde(default)]`) is
+//! ignored by an older decoder.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,9 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::NodeName;
 
-/// The version of the link protocol this build speaks. A peer with another version is refused
-/// with [`RejectReason::UnsupportedProtocol`].
+/// The newest version of the link protocol this build speaks. Nodes announce the range they
+/// speak and use the newest common one; a peer with no common version is refused with
+/// [`RejectReason::UnsupportedProtocol`].
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The oldest version of the link protocol this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// A known peer and where it listens (carried in hellos, so nodes can learn of each other).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,8 +32,14 @@ pub struct PeerAddr {
 /// The first frame, sent by the dialler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// [`PROTOCOL_VERSION`] of the dialler.
+    /// The newest protocol version the dialler speaks ([`PROTOCOL_VERSION`]).
     pub protocol: u32,
+    /// The oldest protocol version the dialler speaks; absent means `protocol` alone.
+    #[serde(default)]
+    pub min_protocol: Option<u32>,
+    /// The capabilities the dialler offers (see [`crate::router`]).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
     /// The dialler's node name; must match its certificate (unless identities are shared).
     pub name: NodeName,
     /// The dialler's incarnation: a new value each time the node starts.
@@ -44,8 +57,11 @@ pub struct Hello {
 /// The listener's answer to an accepted [`Hello`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
-    /// [`PROTOCOL_VERSION`] of the listener.
+    /// The protocol version the link speaks: the newest both sides speak.
     pub protocol: u32,
+    /// The capabilities the listener offers (see [`crate::router`]).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
     /// The listener's node name.
     pub name: NodeName,
     /// The listener's incarnation.
@@ -62,11 +78,11 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum RejectReason {
-    /// The peers speak different protocol versions.
+    /// The peers speak no common protocol version.
     UnsupportedProtocol {
-        /// The version the refusing side speaks.
+        /// The newest version the refusing side speaks.
         ours: u32,
-        /// The version the other side announced.
+        /// The newest version the other side announced.
         theirs: u32,
     },
     /// The name in the hello is not the one in the certificate: an impostor, or a node
@@ -87,6 +103,12 @@ pub enum RejectReason {
     ShuttingDown,
     /// The first frame was not a hello, or could not be decoded.
     BadHandshake(String),
+    /// The TLS handshake was refused (untrusted, revoked or wrong-name certificate, ALPN): the
+    /// TLS alert or verifier error. Never sent in a reject frame; TLS says it.
+    Tls(String),
+    /// Refused with a reason known only as text (the refusing side closed the connection
+    /// without a reject frame this side could read).
+    Other(String),
 }
 
 impl fmt::Display for RejectReason {
@@ -94,7 +116,7 @@ impl fmt::Display for RejectReason {
         match self {
             RejectReason::UnsupportedProtocol { ours, theirs } => write!(
                 f,
-                "unsupported protocol version {theirs} (this node speaks {ours})"
+                "unsupported protocol version {theirs} (this node speaks up to {ours})"
             ),
             RejectReason::NameMismatch { claimed, certified } => write!(
                 f,
@@ -107,6 +129,8 @@ impl fmt::Display for RejectReason {
             }
             RejectReason::ShuttingDown => f.write_str("node is shutting down"),
             RejectReason::BadHandshake(why) => write!(f, "bad handshake: {why}"),
+            RejectReason::Tls(why) => write!(f, "TLS handshake refused: {why}"),
+            RejectReason::Other(why) => f.write_str(why),
         }
     }
 }
@@ -132,6 +156,14 @@ pub enum Frame {
         /// The lost message's number.
         seq: u64,
     },
+    /// A frame of a capability built on links (registry gossip, request/reply, ...). Only sent
+    /// on a link where both sides announced the capability; the body is the capability's own.
+    Capability {
+        /// The capability's name, as announced in the hello.
+        capability: String,
+        /// The capability's frame.
+        body: bytes::Bytes,
+    },
     /// The sender is closing the link on purpose (shutdown). The receiver reads the streams
     /// still in flight, then closes the connection.
     Goodbye {
@@ -151,6 +183,7 @@ impl Frame {
             Frame::Welcome(_) => "welcome",
             Frame::Reject(_) => "reject",
             Frame::Lost { .. } => "lost",
+            Frame::Capability { .. } => "capability",
             Frame::Goodbye { .. } => "goodbye",
         }
     }

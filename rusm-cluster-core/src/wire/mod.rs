@@ -12,7 +12,9 @@ pub use envelope::{
     read_messages_into, Dest, EnvelopeHeader, MessageAssembler, Pushed, ReadError, ReadMessage,
     COPY_MAX,
 };
-pub use frame::{Frame, Hello, PeerAddr, RejectReason, Welcome, PROTOCOL_VERSION};
+pub use frame::{
+    Frame, Hello, PeerAddr, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// Size limits enforced on input from the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
