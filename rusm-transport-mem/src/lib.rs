@@ -26,20 +26,25 @@
 //! (the reader sees [`TransportError::StreamReset`]), `stop` (the writer sees
 //! [`TransportError::StreamStopped`], also from `delivered`), and `delivered`, which resolves once
 //! the reader has read everything, end of stream included. Chunks are the writer's
-//! [`bytes::Bytes`], passed on (or sliced where credit ends) without copies; `read_chunk` is cancel
-//! safe. `close(code, reason)` gives the peer [`TransportError::ClosedByPeer`] with both. Closing
+//! [`bytes::Bytes`], passed on without copies (sliced, never copied, where credit ends and into
+//! 64 KiB pieces on a link with a rate); `read_chunk` is cancel safe. `close(code, reason)` gives the peer [`TransportError::ClosedByPeer`] with both. Closing
 //! the endpoint closes its connections with code 0 and reason `endpoint closed`, as quinn does.
 //!
-//! **Faults for tests**: [`MemNetwork`] cuts and restores the link between two addresses and
-//! sets its one-way latency. While a link is cut nothing crosses either way; a cut that outlasts
-//! the idle timeout times out both ends with [`TransportError::TimedOut`], as unanswered QUIC
-//! keep-alives do. See [`MemNetwork`] for the exact rules.
+//! **A link has a rate**: stream data crosses at [`MemNetwork::DEFAULT_RATE`] (512 MiB/s each
+//! way) unless set otherwise, shared fairly by the streams with data waiting (round-robin, in
+//! 64 KiB slices), so a large message takes time to cross and never holds a small one behind it,
+//! as on QUIC. A small message on an idle link crosses at once.
 //!
-//! What is not emulated: packet loss, reordering and bandwidth (a link is lossless and as fast
-//! as memory, plus its latency); keep-alive traffic (a link that is not cut never times out,
-//! whatever `keep_alive_interval` says); stream priorities (a hint, ignored); a limit on
-//! bidirectional streams; socket buffers (`socket_buffer_bytes` is ignored). A dial to an address
-//! where nothing is bound goes unanswered and times out after the idle timeout, as on QUIC.
+//! **Faults for tests**: [`MemNetwork`] cuts and restores the link between two addresses and
+//! sets its one-way latency and its rate. While a link is cut nothing crosses either way; a cut
+//! that outlasts the idle timeout times out both ends with [`TransportError::TimedOut`], as
+//! unanswered QUIC keep-alives do. See [`MemNetwork`] for the exact rules.
+//!
+//! What is not emulated: packet loss, duplication and reordering (a link is lossless); keep-alive
+//! traffic (a link that is not cut never times out, whatever `keep_alive_interval` says); stream
+//! priorities (a hint, ignored); a limit on bidirectional streams; socket buffers
+//! (`socket_buffer_bytes` is ignored). A dial to an address where nothing is bound goes
+//! unanswered and times out after the idle timeout, as on QUIC.
 //!
 //! ```
 //! use rusm_cluster_core::identity::ClusterCa;

@@ -1,6 +1,6 @@
 //! The process-global in-memory network: which endpoint is bound at which address, the fake
 //! port numbers handed out for port 0, and the state of every link between two addresses (cut
-//! or not, one-way latency). [`MemNetwork`] is the public switchboard tests use to break links.
+//! or not, one-way latency, rate). [`MemNetwork`] is the public switchboard tests use to break links.
 //!
 //! A link is named by its two addresses, in either order: the dialler's bound address (its
 //! [`MemTransport::local_addr`](crate::MemTransport)) and the address it dialled. Its state is
@@ -30,11 +30,13 @@ pub(crate) struct LinkState {
     pub(crate) cut_since: Instant,
     /// How long everything takes to cross, one way.
     pub(crate) latency: Duration,
+    /// How many bytes of stream data leave per second, each way (`None`: no limit).
+    pub(crate) rate: Option<u64>,
 }
 
 impl LinkState {
     fn is_default(&self) -> bool {
-        !self.cut && self.latency.is_zero()
+        !self.cut && self.latency.is_zero() && self.rate == Some(MemNetwork::DEFAULT_RATE)
     }
 }
 
@@ -187,6 +189,7 @@ pub(crate) fn link(a: SocketAddr, b: SocketAddr) -> Arc<LinkCtl> {
                     cut: false,
                     cut_since: Instant::now(),
                     latency: Duration::ZERO,
+                    rate: Some(MemNetwork::DEFAULT_RATE),
                 }),
             })
         })
@@ -211,8 +214,16 @@ pub(crate) fn link(a: SocketAddr, b: SocketAddr) -> Arc<LinkCtl> {
 /// - [`set_latency`](MemNetwork::set_latency): everything sent from then on (chunks, credit,
 ///   handshake records, close) arrives that much later, in order; what is already on its way
 ///   keeps its time. `rtt()` reports twice the latency.
+/// - [`set_rate`](MemNetwork::set_rate): how many bytes of stream data leave per second in each
+///   direction ([`MemNetwork::DEFAULT_RATE`] unless set; `None` for no limit). The streams with
+///   data waiting share the rate fairly, round-robin in slices of 64 KiB, so a large message takes
+///   time to cross and never holds a small one behind it, as QUIC interleaves streams. A slice
+///   leaves the moment the link is free, so a small message on an idle link crosses at once; only
+///   bulk transfers are paced. Control traffic (handshake records, flow-control credit, stops,
+///   the close) is not paced.
 ///
-/// Without a cut, a link never times out: keep-alives are taken as always answered.
+/// Without a cut, a link never times out: keep-alives are taken as always answered. Links lose,
+/// duplicate and reorder nothing.
 ///
 /// ```
 /// use std::time::Duration;
@@ -225,11 +236,19 @@ pub(crate) fn link(a: SocketAddr, b: SocketAddr) -> Arc<LinkCtl> {
 /// MemNetwork::set_latency(a, b, Duration::from_millis(20));
 /// assert_eq!(MemNetwork::latency(b, a), Duration::from_millis(20));
 /// MemNetwork::set_latency(a, b, Duration::ZERO);
+/// assert_eq!(MemNetwork::rate(a, b), Some(MemNetwork::DEFAULT_RATE));
+/// MemNetwork::set_rate(a, b, None); // as fast as memory
+/// # MemNetwork::set_rate(a, b, Some(MemNetwork::DEFAULT_RATE));
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemNetwork;
 
 impl MemNetwork {
+    /// The rate of a link unless [`set_rate`](MemNetwork::set_rate) says otherwise: 512 MiB of
+    /// stream data per second each way (about 4.3 Gbit/s, a fast local network), so that, as on a
+    /// real network, a large message takes time to cross (32 MiB: about 62 ms).
+    pub const DEFAULT_RATE: u64 = 512 << 20;
+
     /// Cuts the link between `a` and `b`: nothing crosses, either way, until
     /// [`restore`](MemNetwork::restore). Cutting a cut link changes nothing (the cut keeps its
     /// start time).
@@ -252,6 +271,20 @@ impl MemNetwork {
     /// (`Duration::ZERO` for none, the default).
     pub fn set_latency(a: SocketAddr, b: SocketAddr, latency: Duration) {
         link(a, b).state.send_modify(|s| s.latency = latency);
+    }
+
+    /// Sets how many bytes of stream data per second the link between `a` and `b` carries each
+    /// way, from now on (`None`: no limit, everything crosses at once; `Some(0)` counts as 1).
+    pub fn set_rate(a: SocketAddr, b: SocketAddr, rate: Option<u64>) {
+        link(a, b)
+            .state
+            .send_modify(|s| s.rate = rate.map(|r| r.max(1)));
+    }
+
+    /// The rate of the link between `a` and `b`, in bytes per second each way (`None`: no
+    /// limit).
+    pub fn rate(a: SocketAddr, b: SocketAddr) -> Option<u64> {
+        link(a, b).state().rate
     }
 
     /// Whether the link between `a` and `b` is cut.

@@ -18,6 +18,7 @@
 //! state of both ends, the pipes, the driver, and how a connection ends.
 
 mod handshake;
+mod pace;
 mod streams;
 
 use std::collections::{HashMap, VecDeque};
@@ -54,8 +55,8 @@ enum Event {
     Data { id: u64, chunk: Bytes },
     /// End of stream `id` (the sender's half).
     Fin { id: u64 },
-    /// The sender abandoned its half of `id`.
-    Reset { id: u64, code: u64 },
+    /// The sender abandoned its half of `id`, after `final_size` bytes in all.
+    Reset { id: u64, code: u64, final_size: u64 },
     /// The receiver asks the sender of `id` to stop.
     Stop { id: u64, code: u64 },
     /// The receiver of `id` lets its sender write up to `max` bytes in all.
@@ -190,6 +191,8 @@ struct Half {
     // The receiving end.
     visible: bool,
     queue: VecDeque<Bytes>,
+    /// Bytes that arrived (read, queued or discarded).
+    arrived: u64,
     read: u64,
     fin_received: bool,
     reset_received: Option<u64>,
@@ -216,6 +219,7 @@ impl Half {
             send_dropped: false,
             visible: false,
             queue: VecDeque::new(),
+            arrived: 0,
             read: 0,
             fin_received: false,
             reset_received: None,
@@ -249,6 +253,8 @@ pub(crate) struct Wire {
     sides: [Side; 2],
     /// `pipes[from]`: events on their way from `from` to its peer, oldest first.
     pipes: [VecDeque<(Instant, Event)>; 2],
+    /// `pacers[from]`: stream events waiting for the link's rate to let them go.
+    pacers: [pace::Pacer; 2],
     /// Stream halves by (stream id, sending end).
     halves: HashMap<(u64, usize), Half>,
     started: Instant,
@@ -296,6 +302,7 @@ impl ConnInner {
                     Side::new(limits, None, false),
                 ],
                 pipes: [VecDeque::new(), VecDeque::new()],
+                pacers: Default::default(),
                 halves: HashMap::new(),
                 started: Instant::now(),
                 silent_since: None,
@@ -347,7 +354,7 @@ pub(crate) async fn drive(conn: Arc<ConnInner>) {
                 w.teardown();
                 return;
             }
-            let due = if state.cut { None } else { w.next_due() };
+            let due = if state.cut { None } else { w.next_due(now) };
             match (due, w.idle_deadline(&state)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -374,22 +381,41 @@ pub(crate) async fn drive(conn: Arc<ConnInner>) {
 impl Wire {
     // ----- Pipes -----
 
+    /// Sends `event` from `from`: stream data through the link's pacer when the link has a rate
+    /// (and a stream's later events behind its data waiting there), everything else straight
+    /// onto the pipe.
     fn send(&mut self, from: usize, event: Event) {
-        let latency = self.link.latency();
+        let state = self.link.state();
+        let stream = match &event {
+            Event::Data { id, .. } => Some((*id, true)),
+            Event::Fin { id } | Event::Reset { id, .. } => Some((*id, false)),
+            _ => None,
+        };
+        if let Some((id, data)) = stream {
+            if (data && state.rate.is_some()) || self.pacers[from].holds(id) {
+                self.pacers[from].push(id, event);
+                return;
+            }
+        }
         // With no latency the stamp only has to be in the past: the pipe is delivered in order,
         // so an event never overtakes one sent before it.
-        let at = if latency.is_zero() {
+        let start = if state.latency.is_zero() {
             self.started
         } else {
-            later(Instant::now(), latency)
+            Instant::now()
         };
-        self.pipes[from].push_back((at, event));
+        self.emit(from, event, start, state.latency);
+    }
+
+    /// Puts `event` on the pipe, leaving at `start` and arriving `latency` later.
+    fn emit(&mut self, from: usize, event: Event, start: Instant, latency: Duration) {
+        self.pipes[from].push_back((later(start, latency), event));
     }
 
     /// Delivers what is due, then tears the connection down if both ends are over. Returns
     /// whether the driver must look (events wait, a deadline changed, or the connection ended).
     fn settle(&mut self) -> bool {
-        if !self.pipes[CLIENT].is_empty() || !self.pipes[SERVER].is_empty() {
+        if self.in_flight() {
             let state = self.link.state();
             self.pump_in(&state);
         }
@@ -399,18 +425,26 @@ impl Wire {
             }
             return true;
         }
-        std::mem::take(&mut self.retime)
-            || !self.pipes[CLIENT].is_empty()
-            || !self.pipes[SERVER].is_empty()
+        std::mem::take(&mut self.retime) || self.in_flight()
     }
 
-    /// Delivers every due event of both pipes, in order, unless the link is cut.
+    /// Whether anything is on its way (on a pipe or waiting for the link's rate).
+    fn in_flight(&self) -> bool {
+        !self.pipes[CLIENT].is_empty()
+            || !self.pipes[SERVER].is_empty()
+            || !self.pacers[CLIENT].is_empty()
+            || !self.pacers[SERVER].is_empty()
+    }
+
+    /// Sends what the link's rate allows and delivers every due event of both pipes, in order,
+    /// unless the link is cut.
     fn pump_in(&mut self, state: &LinkState) {
         if state.cut {
             return;
         }
         let mut now = Instant::now();
         loop {
+            self.transmit(state, now);
             let mut moved = false;
             for from in [CLIENT, SERVER] {
                 while self.pipes[from].front().is_some_and(|(at, _)| *at <= now) {
@@ -427,13 +461,17 @@ impl Wire {
         }
     }
 
-    fn next_due(&self) -> Option<Instant> {
-        let a = self.pipes[CLIENT].front().map(|(at, _)| *at);
-        let b = self.pipes[SERVER].front().map(|(at, _)| *at);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    /// When the next event is due or the next slice may leave.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        [
+            self.pipes[CLIENT].front().map(|(at, _)| *at),
+            self.pipes[SERVER].front().map(|(at, _)| *at),
+            self.pacers[CLIENT].next_at(now),
+            self.pacers[SERVER].next_at(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- Life and death -----
@@ -486,6 +524,9 @@ impl Wire {
         }
         tracing::trace!(side, %error, "in-memory connection end closed");
         s.error = Some(error);
+        // What it still had to send is dropped with it (its close is not paced).
+        self.pacers[side].clear();
+        let s = &mut self.sides[side];
         s.handshake_waiters.wake();
         s.closed_waiters.wake();
         s.accept_uni_waiters.wake();
@@ -508,6 +549,7 @@ impl Wire {
         self.torn_down = true;
         self.halves.clear();
         self.pipes = [VecDeque::new(), VecDeque::new()];
+        self.pacers = Default::default();
         for s in &mut self.sides {
             s.tls = None;
             s.incoming_uni.clear();

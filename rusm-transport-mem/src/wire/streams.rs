@@ -167,7 +167,17 @@ impl Wire {
             return;
         }
         h.reset = true;
-        self.send(side, Event::Reset { id, code });
+        let final_size = h.written;
+        // Data not yet sent is not sent.
+        self.pacers[side].purge(id);
+        self.send(
+            side,
+            Event::Reset {
+                id,
+                code,
+                final_size,
+            },
+        );
     }
 
     /// Waits until the reader has read everything, end of stream included.
@@ -379,13 +389,19 @@ impl Wire {
             Event::Data { id, chunk } => {
                 let key = (id, peer);
                 self.reveal(side, key);
+                let n = chunk.len() as u64;
                 match self.halves.get_mut(&key) {
                     Some(h) if !h.done && !h.stopped_here => {
+                        h.arrived += n;
                         h.queue.push_back(chunk);
                         wake(&mut h.recv_waker);
                     }
                     // Stopped or gone: dropped, its connection credit given back.
-                    _ => self.consumed_conn(side, chunk.len() as u64),
+                    Some(h) => {
+                        h.arrived += n;
+                        self.consumed_conn(side, n);
+                    }
+                    None => self.consumed_conn(side, n),
                 }
             }
             Event::Fin { id } => {
@@ -400,15 +416,28 @@ impl Wire {
                     self.stream_done(side, key);
                 }
             }
-            Event::Reset { id, code } => {
+            Event::Reset {
+                id,
+                code,
+                final_size,
+            } => {
                 let key = (id, peer);
                 self.reveal(side, key);
                 let Some(h) = self.halves.get_mut(&key) else {
                     return;
                 };
-                if h.done {
+                // Bytes the sender counted but never sent (dropped by the reset) give their
+                // connection credit back, as RESET_STREAM's final size does.
+                let unsent = final_size.saturating_sub(h.arrived);
+                h.arrived += unsent;
+                let done = h.done;
+                self.consumed_conn(side, unsent);
+                if done {
                     return;
                 }
+                let Some(h) = self.halves.get_mut(&key) else {
+                    return;
+                };
                 if !h.stopped_here {
                     h.reset_received = Some(code);
                 }
@@ -427,7 +456,16 @@ impl Wire {
                 // STOP_SENDING is answered with RESET_STREAM (RFC 9000 §3.5).
                 if !h.reset && !h.acked {
                     h.reset = true;
-                    self.send(side, Event::Reset { id, code });
+                    let final_size = h.written;
+                    self.pacers[side].purge(id);
+                    self.send(
+                        side,
+                        Event::Reset {
+                            id,
+                            code,
+                            final_size,
+                        },
+                    );
                 }
             }
             Event::MaxStreamData { id, max } => {
