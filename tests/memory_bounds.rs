@@ -33,3 +33,4 @@ macro_rules! bounded {
 
 bounded!(quinn => rusm_transport_quinn::QuinnTransport);
 bounded!(s2n => rusm_transport_s2n::S2nTransport);
+bounded!(mem => rusm_transport_mem::MemTransport);

@@ -201,6 +201,13 @@ pub trait Transport: Sized + Send + Sync + 'static {
 
     /// Closes the endpoint and every connection on it.
     fn close(&self);
+
+    /// After [`close`](Self::close): waits until the closed connections are drained, so that
+    /// dropping the transport then frees its address at once (a node restarted on the same
+    /// port can bind it). Backends that free the address on `close` need not wait.
+    fn wait_idle(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// One authenticated connection to a peer.

@@ -819,6 +819,7 @@ fn register<C: Connection>(
         is_finished: AtomicBool::new(false),
     });
     links.up.insert(peer.clone(), link.clone());
+    node.inner.links_changed.notify_waiters();
     (link, control_rx)
 }
 
@@ -1064,6 +1065,7 @@ async fn run_link<C: Connection>(
         let mut links = lock(&inner.links);
         if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
             links.up.remove(&link.peer);
+            inner.links_changed.notify_waiters();
         }
     }
     // Release what was held back for predecessors that will never come.

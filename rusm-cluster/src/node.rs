@@ -205,10 +205,13 @@ pub(crate) trait Dialer: Send + Sync {
         peer: NodeName,
         addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Result<Dialled, Error>> + Send>>;
-    fn close(&self);
+    /// Closes the endpoint, waits for it to drain, and lets go of it, so its address is free.
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
-struct TypedDialer<T: Transport>(Arc<T>);
+/// The node's hold on its endpoint, given up at shutdown (the accept loop holds the other
+/// reference, and lets go once the endpoint is closed).
+struct TypedDialer<T: Transport>(Mutex<Option<Arc<T>>>);
 
 impl<T: Transport> Dialer for TypedDialer<T> {
     fn dial(
@@ -217,10 +220,29 @@ impl<T: Transport> Dialer for TypedDialer<T> {
         peer: NodeName,
         addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Result<Dialled, Error>> + Send>> {
-        Box::pin(link::dial(node, self.0.clone(), peer, addr))
+        match lock(&self.0).clone() {
+            Some(transport) => Box::pin(link::dial(node, transport, peer, addr)),
+            None => Box::pin(std::future::ready(Err(Error::Shutdown))),
+        }
     }
-    fn close(&self) {
-        self.0.close();
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let transport = lock(&self.0).take();
+        Box::pin(async move {
+            let Some(transport) = transport else { return };
+            transport.close();
+            transport.wait_idle().await;
+            let addr = transport.local_addr().ok();
+            drop(transport);
+            // The stacks let go of their socket from their own tasks, a moment after the last
+            // handle goes: wait (up to 3 s) until the address can be bound again, so a node
+            // restarted on it at once succeeds.
+            let Some(addr) = addr else { return };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while std::net::UdpSocket::bind(addr).is_err() && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
     }
 }
 
@@ -253,6 +275,8 @@ pub(crate) struct NodeInner {
     pub(crate) next_link_id: AtomicU64,
     /// The node's capabilities, by name.
     pub(crate) router: Router<Arc<dyn Capability>>,
+    /// Woken whenever a link comes up or goes down, a dial ends, or the node shuts down.
+    pub(crate) links_changed: tokio::sync::Notify,
 }
 
 /// A running node. Cheap to clone (all clones are the same node).
@@ -449,9 +473,10 @@ impl<T: Transport> NodeBuilder<T> {
                 links: Mutex::new(Links::default()),
                 events,
                 stats: Stats::default(),
-                dialer: Box::new(TypedDialer(transport.clone())),
+                dialer: Box::new(TypedDialer(Mutex::new(Some(transport.clone())))),
                 next_link_id: AtomicU64::new(1),
                 router,
+                links_changed: tokio::sync::Notify::new(),
             }),
         };
         tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
@@ -591,7 +616,6 @@ impl Node {
         if peer == self.inner.name {
             return Err(Error::Config("a node cannot connect to itself".into()));
         }
-        let mut events = self.inner.events.subscribe();
         let someone_else_dials = {
             let mut links = lock(&self.inner.links);
             if links.shut_down {
@@ -604,7 +628,7 @@ impl Node {
         };
         if someone_else_dials {
             // Another task of this node is dialling it: wait for that link.
-            return self.wait_for_link(&peer, &mut events).await;
+            return self.wait_for_link(&peer).await;
         }
         let res = tokio::time::timeout(
             self.inner.config.handshake_timeout,
@@ -612,10 +636,11 @@ impl Node {
         )
         .await;
         lock(&self.inner.links).dialling.remove(&peer);
+        self.inner.links_changed.notify_waiters();
         match res {
             Ok(Ok(Dialled::Up)) => Ok(()),
             // The peer's own dial to us won the tie-break: that link is (or is about to be) up.
-            Ok(Ok(Dialled::PeerDialWins)) => self.wait_for_link(&peer, &mut events).await,
+            Ok(Ok(Dialled::PeerDialWins)) => self.wait_for_link(&peer).await,
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::Timeout {
                 what: format!("connecting to {peer} at {addr}"),
@@ -623,26 +648,25 @@ impl Node {
         }
     }
 
-    async fn wait_for_link(
-        &self,
-        peer: &NodeName,
-        events: &mut broadcast::Receiver<NodeEvent>,
-    ) -> Result<(), Error> {
+    /// Waits for a link to `peer` that another dial (ours or the peer's) is bringing up, woken
+    /// each time the node's links change.
+    async fn wait_for_link(&self, peer: &NodeName) -> Result<(), Error> {
         let wait = async {
             loop {
-                if lock(&self.inner.links).up.contains_key(peer) {
-                    return Ok(());
+                let changed = self.inner.links_changed.notified();
+                tokio::pin!(changed);
+                // Registered before looking, so a change right after the look still wakes us.
+                changed.as_mut().enable();
+                {
+                    let links = lock(&self.inner.links);
+                    if links.up.contains_key(peer) {
+                        return Ok(());
+                    }
+                    if links.shut_down {
+                        return Err(Error::Shutdown);
+                    }
                 }
-                if !lock(&self.inner.links).dialling.contains(peer) {
-                    // Nobody is dialling any more; one more look after a short pause catches a
-                    // link registered by the other side's dial.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
-                    Ok(Ok(NodeEvent::NodeUp { node, .. })) if &node == peer => return Ok(()),
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return Err(Error::Shutdown),
-                    _ => {}
-                }
+                changed.await;
             }
         };
         tokio::time::timeout(self.inner.config.handshake_timeout, wait)
@@ -849,10 +873,12 @@ impl Node {
             links.shut_down = true;
             links.up.values().cloned().collect()
         };
-        for link in links {
-            link.goodbye("node shutting down").await;
-        }
-        self.inner.dialer.close();
+        self.inner.links_changed.notify_waiters();
+        // Every peer at once: one slow peer does not hold up the goodbyes to the others.
+        futures_util::future::join_all(links.iter().map(|l| l.goodbye("node shutting down"))).await;
+        // Let go of the links: each holds its connection, which holds the endpoint.
+        drop(links);
+        self.inner.dialer.shutdown().await;
         let tasks: Vec<JoinHandle<()>> = write(&self.inner.processes)
             .drain()
             .filter_map(|(_, s)| s.task)

@@ -134,6 +134,10 @@ impl core::Transport for QuinnTransport {
         }))
     }
 
+    async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+
     fn close(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"endpoint closed");
     }
