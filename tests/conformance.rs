@@ -48,6 +48,7 @@ macro_rules! matrix {
             case!(shared_and_ca_identities_do_not_mix);
             case!(capability_frames_reach_only_links_that_negotiated_them);
             case!(unannounced_capability_frame_closes_only_that_link);
+            case!(a_node_restarts_on_its_old_address);
         }
     };
 }
