@@ -10,12 +10,14 @@
 //!   and the typed reasons to close (sans-IO).
 //! - [`router`]: capabilities negotiated per link and the one router of their control frames
 //!   (sans-IO).
+//! - [`outbound`]: per-pair numbering of the messages a link sends (sans-IO).
 //! - [`order`]: per-pair message ordering over independent streams (sans-IO).
 
 pub mod identity;
 pub mod inbound;
 pub mod link;
 pub mod order;
+pub mod outbound;
 pub mod router;
 pub mod tls;
 pub mod transport;

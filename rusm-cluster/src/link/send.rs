@@ -1,0 +1,158 @@
+//! The default send path: each message on a uni-stream of its own, written from the sender's
+//! task (so QUIC's stream credit and flow control slow a fast sender down directly, and no
+//! message crosses a task boundary on the way out). A send dropped mid-way resets its stream
+//! and reports its number lost.
+
+use super::*;
+
+/// The typed half of a link's sending side, erased so the handle is not generic.
+pub(super) trait LinkSender: Send + Sync {
+    fn send<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        from: Option<u64>,
+        to: Dest,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;
+    fn rtt(&self) -> Option<Duration>;
+    fn close(&self, code: u32, reason: &str);
+}
+
+pub(super) struct TypedSender<C: Connection>(pub(super) C);
+
+impl<C: Connection> LinkSender for TypedSender<C> {
+    fn send<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        from: Option<u64>,
+        to: Dest,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>> {
+        Box::pin(send_message(&self.0, link, from, to, payload))
+    }
+    fn rtt(&self) -> Option<Duration> {
+        self.0.rtt()
+    }
+    fn close(&self, code: u32, reason: &str) {
+        self.0.close(code, reason.as_bytes());
+    }
+}
+
+/// Writes one message on a stream of its own, from the sender's task.
+pub(super) async fn send_message<C: Connection>(
+    conn: &C,
+    link: &LinkHandle,
+    from: Option<u64>,
+    to: Dest,
+    payload: Bytes,
+) -> Result<(), SendError> {
+    let Some(_active) = link.begin_send() else {
+        let node = link.peer.clone();
+        return Err(SendError::new(Error::NotConnected { node }, payload));
+    };
+    let stream = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            let error = if e.is_connection_error() {
+                Error::NotConnected {
+                    node: link.peer.clone(),
+                }
+            } else {
+                Error::Transport(e)
+            };
+            return Err(SendError::new(error, payload));
+        }
+    };
+    link.streams.fetch_add(1, Ordering::Relaxed);
+    // Numbered only once the stream exists, so a send cancelled while waiting for stream credit
+    // leaves no gap; from here on, the guard reports the number lost unless the write finishes.
+    let (seq, to) = link.next_seq(from, to);
+    let header = EnvelopeHeader {
+        to,
+        from,
+        seq,
+        len: payload.len() as u64,
+    };
+    let mut buf =
+        BytesMut::with_capacity(encoded_header_len(&header) + payload.len().min(COALESCE_MAX));
+    encode_header_into(&header, &mut buf);
+    let mut lost = LostGuard {
+        link,
+        notice: Some(header),
+        stream,
+    };
+    let stream = &mut lost.stream;
+    let write = if payload.len() <= COALESCE_MAX {
+        // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
+        // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
+        buf.extend_from_slice(&payload);
+        stream.write(buf.freeze()).await
+    } else {
+        // A large payload is written as it is, never copied.
+        stream
+            .write_all_chunks(&mut [buf.freeze(), payload.clone()])
+            .await
+    };
+    let written = write.and_then(|()| stream.finish());
+    match written {
+        Ok(()) => {
+            lost.notice = None;
+            link.sent.fetch_add(1, Ordering::Relaxed);
+            if let Some(node) = link.node.upgrade() {
+                node.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(node) = link.node.upgrade() {
+                node.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            let error = match e {
+                TransportError::StreamStopped { code }
+                    if code == u64::from(stream_code::TOO_LARGE) =>
+                {
+                    Error::MessageTooLarge {
+                        size: payload.len(),
+                        max: link.peer_max_message,
+                    }
+                }
+                e if e.is_connection_error() => Error::NotConnected {
+                    node: link.peer.clone(),
+                },
+                e => Error::Transport(e),
+            };
+            Err(SendError::new(error, payload))
+        }
+    }
+}
+
+/// Unless disarmed, resets the message's stream with [`stream_code::CANCELLED`] (so the peer
+/// drops what arrived of it instead of reading a truncated message) and tells the peer the
+/// numbered message will never arrive whole.
+pub(super) struct LostGuard<'a, S: SendStream> {
+    pub(super) link: &'a LinkHandle,
+    pub(super) notice: Option<EnvelopeHeader>,
+    pub(super) stream: S,
+}
+
+impl<S: SendStream> Drop for LostGuard<'_, S> {
+    fn drop(&mut self) {
+        if let Some(h) = self.notice.take() {
+            self.stream.reset(stream_code::CANCELLED);
+            let _ = self.link.control.send(Frame::Lost {
+                from: h.from,
+                to: h.to,
+                seq: h.seq,
+            });
+        }
+    }
+}
+
+/// Counts a send in progress (so a goodbye waits for it); refused once the link is closing.
+pub(super) struct ActiveSend<'a>(pub(super) &'a LinkHandle);
+
+impl Drop for ActiveSend<'_> {
+    fn drop(&mut self) {
+        self.0.end_sends(1);
+    }
+}
