@@ -1,9 +1,179 @@
-//! The per-link handshake, sans-IO: checking a peer's hello or welcome against its verified
-//! certificate, and the tie-break when two nodes dial each other at once.
+//! The per-link handshake, sans-IO: the hello and welcome a node sends, what each side decides
+//! on the frame it receives (checked against the peer's verified certificate), and the
+//! tie-break when two nodes dial each other at once. The runtime only moves the frames.
+
+use std::net::SocketAddr;
 
 use crate::identity::{NodeName, PeerIdentity};
 use crate::router::negotiate_version;
-use crate::wire::{Hello, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::wire::{
+    Frame, Hello, PeerAddr, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
+/// What this node says of itself in its hello or welcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalIntro {
+    /// This node's name.
+    pub name: NodeName,
+    /// This node's incarnation.
+    pub creation: u64,
+    /// Where this node accepts connections.
+    pub listen_addr: Option<SocketAddr>,
+    /// The capabilities this node offers.
+    pub capabilities: Vec<String>,
+    /// The largest message payload this node accepts.
+    pub max_message_size: u64,
+    /// Whether this node uses a shared identity (no name binding).
+    pub shared_identity: bool,
+    /// Whether this node is hidden (an attach client that never joins the mesh).
+    pub hidden: bool,
+}
+
+/// The peer as the handshake accepted it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIntro {
+    /// The peer's name, bound to its certificate (unless identities are shared).
+    pub name: NodeName,
+    /// The peer's incarnation.
+    pub creation: u64,
+    /// Where the peer accepts connections.
+    pub listen_addr: Option<SocketAddr>,
+    /// The peers the peer is linked to.
+    pub peers: Vec<PeerAddr>,
+    /// The capabilities the peer offers.
+    pub capabilities: Vec<String>,
+    /// Whether the peer is hidden.
+    pub hidden: bool,
+    /// The largest message payload the peer accepts.
+    pub max_message_size: u64,
+    /// The protocol version the link speaks.
+    pub protocol: u32,
+}
+
+/// How the listener's links stand towards a dialler whose hello was accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkTable {
+    /// A link to that peer is up.
+    pub linked: bool,
+    /// This node is dialling that peer itself.
+    pub dialling: bool,
+    /// This node is shutting down.
+    pub shutting_down: bool,
+}
+
+/// What the dialler makes of the listener's answer to its hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DialAnswer {
+    /// Welcomed by the node dialled: the link is up.
+    Up(PeerIntro),
+    /// Refused as a duplicate: the peer's own dial to us wins the tie-break, and that link is
+    /// (or is about to be) up. Not an error.
+    PeerDialWins,
+    /// The listener refused us, with its reason.
+    Refused(RejectReason),
+    /// The answer is wrong (not a welcome, or a welcome that fails our checks): we refuse it.
+    Invalid(RejectReason),
+}
+
+impl LocalIntro {
+    /// The dialler's hello, listing the peers this node is linked to.
+    pub fn hello(&self, peers: Vec<PeerAddr>) -> Frame {
+        Frame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            min_protocol: Some(MIN_PROTOCOL_VERSION),
+            capabilities: self.capabilities.clone(),
+            name: self.name.clone(),
+            creation: self.creation,
+            listen_addr: self.listen_addr,
+            peers,
+            hidden: self.hidden,
+            max_message_size: self.max_message_size,
+        })
+    }
+
+    /// The listener's welcome to `peer`, whose hello was accepted.
+    pub fn welcome(&self, peer: &PeerIntro, peers: Vec<PeerAddr>) -> Frame {
+        Frame::Welcome(Welcome {
+            protocol: peer.protocol,
+            capabilities: self.capabilities.clone(),
+            name: self.name.clone(),
+            creation: self.creation,
+            listen_addr: self.listen_addr,
+            peers,
+            max_message_size: self.max_message_size,
+        })
+    }
+
+    /// The listener's decision on the first frame of a dialler whose certificate is `peer`:
+    /// the peer, or why it is refused (see [`check_hello`]). Then [`admit`] decides, against
+    /// the link table, whether this link is the one to keep.
+    pub fn on_hello(&self, frame: Frame, peer: &PeerIdentity) -> Result<PeerIntro, RejectReason> {
+        let hello = match frame {
+            Frame::Hello(h) => h,
+            other => {
+                return Err(RejectReason::BadHandshake(format!(
+                    "expected hello, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        let protocol = check_hello(&hello, peer, &self.name, self.shared_identity)?;
+        Ok(PeerIntro {
+            name: hello.name,
+            creation: hello.creation,
+            listen_addr: hello.listen_addr,
+            peers: hello.peers,
+            capabilities: hello.capabilities,
+            hidden: hello.hidden,
+            max_message_size: hello.max_message_size,
+            protocol,
+        })
+    }
+
+    /// The dialler's decision on the listener's answer to its hello, having dialled `dialled`
+    /// and been shown certificate `peer`.
+    pub fn on_answer(&self, frame: Frame, dialled: &NodeName, peer: &PeerIdentity) -> DialAnswer {
+        let welcome = match frame {
+            Frame::Welcome(w) => w,
+            Frame::Reject(RejectReason::DuplicateLink) => return DialAnswer::PeerDialWins,
+            Frame::Reject(reason) => return DialAnswer::Refused(reason),
+            other => {
+                return DialAnswer::Invalid(RejectReason::BadHandshake(format!(
+                    "expected welcome, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        if let Err(reason) =
+            check_welcome(&welcome, peer, dialled, &self.name, self.shared_identity)
+        {
+            return DialAnswer::Invalid(reason);
+        }
+        DialAnswer::Up(PeerIntro {
+            name: welcome.name,
+            creation: welcome.creation,
+            listen_addr: welcome.listen_addr,
+            peers: welcome.peers,
+            capabilities: welcome.capabilities,
+            hidden: false,
+            max_message_size: welcome.max_message_size,
+            protocol: welcome.protocol,
+        })
+    }
+}
+
+/// Whether the listener keeps the link a dialler `peer` brings (its hello already accepted),
+/// given how its own links to that peer stand. Two nodes dialling each other at once both keep
+/// the dial of the node with the smaller name (see [`own_dial_wins`]).
+pub fn admit(local: &NodeName, peer: &NodeName, table: LinkTable) -> Result<(), RejectReason> {
+    if table.shutting_down {
+        return Err(RejectReason::ShuttingDown);
+    }
+    if table.linked || (table.dialling && own_dial_wins(local, peer)) {
+        return Err(RejectReason::DuplicateLink);
+    }
+    Ok(())
+}
 
 /// What the listener checks before it welcomes a dialler, giving the protocol version the link
 /// will speak:
@@ -145,6 +315,107 @@ mod tests {
             check_hello(&hello("anyone", PROTOCOL_VERSION), &shared, &london, false),
             Err(RejectReason::IdentityModeMismatch)
         );
+    }
+
+    fn intro(name: &str) -> LocalIntro {
+        LocalIntro {
+            name: NodeName::new(name).unwrap(),
+            creation: 7,
+            listen_addr: None,
+            capabilities: vec!["rpc".into()],
+            max_message_size: 1 << 20,
+            shared_identity: false,
+            hidden: false,
+        }
+    }
+
+    #[test]
+    fn a_hello_and_its_welcome_bring_both_sides_up() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let (london, paris) = (intro("london"), intro("paris"));
+        let paris_cert = peer_of(&ca.issue("paris").unwrap());
+        let london_cert = peer_of(&ca.issue("london").unwrap());
+        let seen = london.on_hello(paris.hello(vec![]), &paris_cert).unwrap();
+        assert_eq!(seen.name.as_str(), "paris");
+        assert_eq!(seen.capabilities, ["rpc"]);
+        assert_eq!(seen.protocol, PROTOCOL_VERSION);
+        let answer = paris.on_answer(london.welcome(&seen, vec![]), &london.name, &london_cert);
+        let DialAnswer::Up(up) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(up.name.as_str(), "london");
+        assert_eq!(up.creation, 7);
+    }
+
+    #[test]
+    fn wrong_first_frames_and_wrong_answers_are_refused() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let (london, paris) = (intro("london"), intro("paris"));
+        let paris_cert = peer_of(&ca.issue("paris").unwrap());
+        let london_cert = peer_of(&ca.issue("london").unwrap());
+        let goodbye = Frame::Goodbye {
+            reason: "x".into(),
+            streams: 0,
+        };
+        assert_eq!(
+            london.on_hello(goodbye.clone(), &paris_cert),
+            Err(RejectReason::BadHandshake(
+                "expected hello, got goodbye".into()
+            ))
+        );
+        assert_eq!(
+            paris.on_answer(goodbye, &london.name, &london_cert),
+            DialAnswer::Invalid(RejectReason::BadHandshake(
+                "expected welcome, got goodbye".into()
+            ))
+        );
+        assert_eq!(
+            paris.on_answer(
+                Frame::Reject(RejectReason::DuplicateLink),
+                &london.name,
+                &london_cert
+            ),
+            DialAnswer::PeerDialWins
+        );
+        assert_eq!(
+            paris.on_answer(
+                Frame::Reject(RejectReason::SameName),
+                &london.name,
+                &london_cert
+            ),
+            DialAnswer::Refused(RejectReason::SameName)
+        );
+        // A welcome from someone other than the node dialled.
+        let rome = intro("rome");
+        let seen = rome.on_hello(paris.hello(vec![]), &paris_cert).unwrap();
+        assert!(matches!(
+            paris.on_answer(rome.welcome(&seen, vec![]), &london.name, &london_cert),
+            DialAnswer::Invalid(RejectReason::NameMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn the_link_table_decides_which_dial_stays() {
+        let (a, b) = (NodeName::new("a").unwrap(), NodeName::new("b").unwrap());
+        let free = LinkTable::default();
+        assert_eq!(admit(&a, &b, free), Ok(()));
+        let linked = LinkTable {
+            linked: true,
+            ..free
+        };
+        assert_eq!(admit(&a, &b, linked), Err(RejectReason::DuplicateLink));
+        let dialling = LinkTable {
+            dialling: true,
+            ..free
+        };
+        // Both dial at once: a's dial wins on both sides, so a refuses b's and b admits a's.
+        assert_eq!(admit(&a, &b, dialling), Err(RejectReason::DuplicateLink));
+        assert_eq!(admit(&b, &a, dialling), Ok(()));
+        let closing = LinkTable {
+            shutting_down: true,
+            ..free
+        };
+        assert_eq!(admit(&a, &b, closing), Err(RejectReason::ShuttingDown));
     }
 
     #[test]

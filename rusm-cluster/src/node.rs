@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor};
 use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
+use rusm_cluster_core::link::LocalIntro;
 use rusm_cluster_core::router::{RouteError, Router};
 use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
 use rusm_cluster_core::wire::{Dest, Frame, Limits};
@@ -261,7 +262,6 @@ pub(crate) struct Links {
 pub(crate) struct NodeInner {
     pub(crate) name: NodeName,
     pub(crate) creation: u64,
-    pub(crate) shared_identity: bool,
     pub(crate) identity: Identity,
     pub(crate) config: NodeConfig,
     pub(crate) local_addr: SocketAddr,
@@ -277,6 +277,8 @@ pub(crate) struct NodeInner {
     pub(crate) router: Router<Arc<dyn Capability>>,
     /// Woken whenever a link comes up or goes down, a dial ends, or the node shuts down.
     pub(crate) links_changed: tokio::sync::Notify,
+    /// What the node says of itself in hellos and welcomes.
+    pub(crate) intro: LocalIntro,
 }
 
 /// A running node. Cheap to clone (all clones are the same node).
@@ -459,11 +461,19 @@ impl<T: Transport> NodeBuilder<T> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
         let (events, _) = broadcast::channel(256);
+        let intro = LocalIntro {
+            name: name.clone(),
+            creation,
+            listen_addr: Some(local_addr),
+            capabilities: router.names(),
+            max_message_size: self.config.limits.max_message_size as u64,
+            shared_identity: shared,
+            hidden: false,
+        };
         let node = Node {
             inner: Arc::new(NodeInner {
                 name,
                 creation,
-                shared_identity: shared,
                 identity,
                 config: self.config,
                 local_addr,
@@ -477,6 +487,7 @@ impl<T: Transport> NodeBuilder<T> {
                 next_link_id: AtomicU64::new(1),
                 router,
                 links_changed: tokio::sync::Notify::new(),
+                intro,
             }),
         };
         tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));

@@ -92,17 +92,7 @@ pub(crate) async fn dial<T: Transport>(
         .await
         .map_err(|e| linking_error(&peer, e))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| linking_error(&peer, e))?;
-    let hello = Frame::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        min_protocol: Some(MIN_PROTOCOL_VERSION),
-        capabilities: inner.router.names(),
-        name: inner.name.clone(),
-        creation: inner.creation,
-        listen_addr: Some(inner.local_addr),
-        peers: hello_peers(inner),
-        hidden: false,
-        max_message_size: inner.config.limits.max_message_size as u64,
-    });
+    let hello = inner.intro.hello(hello_peers(inner));
     let bytes = encode_frame(&hello).map_err(|e| Error::Config(e.to_string()))?;
     send.write(bytes)
         .await
@@ -116,23 +106,8 @@ pub(crate) async fn dial<T: Transport>(
             reason,
         }
     };
-    let welcome = match read_frame(&mut recv, &mut dec).await {
-        FrameRead::Frame(Frame::Welcome(w)) => w,
-        FrameRead::Frame(Frame::Reject(RejectReason::DuplicateLink)) => {
-            conn.close(close_code::DUPLICATE, b"duplicate link");
-            return Ok(Dialled::PeerDialWins);
-        }
-        FrameRead::Frame(Frame::Reject(reason)) => {
-            conn.close(close_code::REJECTED, b"rejected");
-            return Err(Error::Rejected {
-                node: peer.clone(),
-                reason,
-            });
-        }
-        FrameRead::Frame(other) => {
-            let why = format!("expected welcome, got {}", other.kind());
-            return Err(reject(&conn, RejectReason::BadHandshake(why)));
-        }
+    let answer = match read_frame(&mut recv, &mut dec).await {
+        FrameRead::Frame(frame) => inner.intro.on_answer(frame, &peer, conn.peer_identity()),
         FrameRead::Wire(e) => {
             inner.stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
             return Err(reject(&conn, RejectReason::BadHandshake(e.to_string())));
@@ -141,15 +116,21 @@ pub(crate) async fn dial<T: Transport>(
         // The listener closed the stream; its close says why.
         FrameRead::Eof => return dial_failed(&peer, conn.closed().await),
     };
-    if let Err(reason) = check_welcome(
-        &welcome,
-        conn.peer_identity(),
-        &peer,
-        &inner.name,
-        inner.shared_identity,
-    ) {
-        return Err(reject(&conn, reason));
-    }
+    let welcomed = match answer {
+        DialAnswer::Up(peer) => peer,
+        DialAnswer::PeerDialWins => {
+            conn.close(close_code::DUPLICATE, b"duplicate link");
+            return Ok(Dialled::PeerDialWins);
+        }
+        DialAnswer::Refused(reason) => {
+            conn.close(close_code::REJECTED, b"rejected");
+            return Err(Error::Rejected {
+                node: peer.clone(),
+                reason,
+            });
+        }
+        DialAnswer::Invalid(reason) => return Err(reject(&conn, reason)),
+    };
     let registered = {
         let mut links = lock(&inner.links);
         if links.shut_down {
@@ -159,18 +140,7 @@ pub(crate) async fn dial<T: Transport>(
             conn.close(close_code::DUPLICATE, b"duplicate link");
             return Ok(Dialled::Up);
         } else {
-            Some(register(
-                &node,
-                &mut links,
-                &conn,
-                Intro {
-                    name: &welcome.name,
-                    creation: welcome.creation,
-                    max_message: welcome.max_message_size,
-                    capabilities: &welcome.capabilities,
-                    hidden: false,
-                },
-            ))
+            Some(register(&node, &mut links, &conn, &welcomed))
         }
     };
     let Some((link, rx)) = registered else {
@@ -233,72 +203,36 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
             why: "none arrived in time".into(),
         }),
     };
+    let intro = &inner.intro;
     let hello = match first {
-        FrameRead::Frame(Frame::Hello(h)) => h,
-        FrameRead::Frame(other) => {
-            let why = format!("expected hello, got {}", other.kind());
-            return refuse(inner, &conn, &mut send, RejectReason::BadHandshake(why)).await;
-        }
+        FrameRead::Frame(frame) => intro.on_hello(frame, conn.peer_identity()),
         FrameRead::Wire(e) => {
             inner.stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
-            return refuse(
-                inner,
-                &conn,
-                &mut send,
-                RejectReason::BadHandshake(e.to_string()),
-            )
-            .await;
+            Err(RejectReason::BadHandshake(e.to_string()))
         }
         FrameRead::Transport(_) | FrameRead::Eof => return,
     };
-    let version = match check_hello(
-        &hello,
-        conn.peer_identity(),
-        &inner.name,
-        inner.shared_identity,
-    ) {
-        Ok(version) => version,
+    // Checked against the link table and registered under one lock, so two dials between the
+    // same nodes cannot both be kept.
+    let registered = hello.and_then(|hello| {
+        let mut links = lock(&inner.links);
+        let table = LinkTable {
+            linked: links.up.contains_key(&hello.name),
+            dialling: links.dialling.contains(&hello.name),
+            shutting_down: links.shut_down,
+        };
+        admit(&intro.name, &hello.name, table)?;
+        let registered = register(&node, &mut links, &conn, &hello);
+        Ok((hello, registered))
+    });
+    let (hello, (link, rx)) = match registered {
+        Ok(r) => r,
         Err(reason) => {
-            warn!(node = %inner.name, claimed = %hello.name, %reason, "hello refused");
+            warn!(node = %inner.name, %reason, "hello refused");
             return refuse(inner, &conn, &mut send, reason).await;
         }
     };
-    let registered = {
-        let mut links = lock(&inner.links);
-        if links.shut_down {
-            Err(RejectReason::ShuttingDown)
-        } else if links.up.contains_key(&hello.name)
-            || (links.dialling.contains(&hello.name) && own_dial_wins(&inner.name, &hello.name))
-        {
-            Err(RejectReason::DuplicateLink)
-        } else {
-            Ok(register(
-                &node,
-                &mut links,
-                &conn,
-                Intro {
-                    name: &hello.name,
-                    creation: hello.creation,
-                    max_message: hello.max_message_size,
-                    capabilities: &hello.capabilities,
-                    hidden: hello.hidden,
-                },
-            ))
-        }
-    };
-    let (link, rx) = match registered {
-        Ok(r) => r,
-        Err(reason) => return refuse(inner, &conn, &mut send, reason).await,
-    };
-    let welcome = Frame::Welcome(Welcome {
-        protocol: version,
-        capabilities: inner.router.names(),
-        name: inner.name.clone(),
-        creation: inner.creation,
-        listen_addr: Some(inner.local_addr),
-        peers: hello_peers(inner),
-        max_message_size: inner.config.limits.max_message_size as u64,
-    });
+    let welcome = intro.welcome(&hello, hello_peers(inner));
     let sent = match encode_frame(&welcome) {
         Ok(bytes) => send.write(bytes).await,
         Err(e) => Err(TransportError::ConnectionLost {

@@ -27,7 +27,7 @@ use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::inbound::{Counted, Inbound, InboundClose, InboundMessage};
-use rusm_cluster_core::link::{check_hello, check_welcome, own_dial_wins};
+use rusm_cluster_core::link::{admit, DialAnswer, LinkTable, PeerIntro};
 use rusm_cluster_core::outbound::Numbering;
 use rusm_cluster_core::router::LinkCapabilities;
 use rusm_cluster_core::tls;
@@ -36,8 +36,8 @@ use rusm_cluster_core::transport::{
 };
 use rusm_cluster_core::wire::{
     encode_frame, encode_header_into, encoded_header_len, Dest, EnvelopeHeader, Frame,
-    FrameDecoder, Hello, Limits, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason,
-    Welcome, WireError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    FrameDecoder, Limits, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason,
+    WireError,
 };
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
@@ -218,30 +218,24 @@ impl LinkHandle {
     }
 }
 
-/// What a peer said of itself in its hello or welcome.
-struct Intro<'a> {
-    name: &'a NodeName,
-    creation: u64,
-    max_message: u64,
-    capabilities: &'a [String],
-    hidden: bool,
-}
-
 fn register<C: Connection>(
     node: &Node,
     links: &mut crate::node::Links,
     conn: &C,
-    intro: Intro<'_>,
+    intro: &PeerIntro,
 ) -> (Arc<LinkHandle>, mpsc::UnboundedReceiver<Frame>) {
     let (control, control_rx) = mpsc::unbounded_channel();
-    let peer = intro.name;
+    let peer = &intro.name;
     let link = Arc::new(LinkHandle {
         id: node.inner.next_link_id.fetch_add(1, Ordering::Relaxed),
         peer: peer.clone(),
         addr: conn.remote_addr(),
         peer_creation: intro.creation,
-        peer_max_message: usize::try_from(intro.max_message).unwrap_or(usize::MAX),
-        capabilities: LinkCapabilities::negotiate(&node.inner.router.names(), intro.capabilities),
+        peer_max_message: usize::try_from(intro.max_message_size).unwrap_or(usize::MAX),
+        capabilities: LinkCapabilities::negotiate(
+            &node.inner.intro.capabilities,
+            &intro.capabilities,
+        ),
         hidden: intro.hidden,
         sender: Box::new(TypedSender(conn.clone())),
         outbox: node.inner.config.coalescing.map(Outbox::new),
