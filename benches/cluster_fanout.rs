@@ -22,32 +22,21 @@
 //! (one backend), `cargo bench --bench cluster_fanout -- cluster_fanout/quinn/k8` (one case);
 //! add `--quick` or `--measurement-time 1` for a faster, rougher run.
 
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rusm_cluster::{Node, Pid, Transport};
+use rusm_testkit::{counting_receiver, Tally};
 use rusm_transport_quinn::QuinnTransport;
 use rusm_transport_s2n::S2nTransport;
 use tokio::runtime::Runtime;
-use tokio::sync::Notify;
 
 mod common;
 
 /// Receiving processes spawned on the second node (K = 1 uses the first of them).
 const MAX_K: usize = 8;
-
-/// What the receivers have counted, and the count the current batch waits for.
-#[derive(Default)]
-struct Counter {
-    messages: AtomicU64,
-    bytes: AtomicU64,
-    target: AtomicU64,
-    done: Notify,
-}
 
 /// Two connected nodes of one backend and `MAX_K` counting receivers on the second.
 struct Cluster {
@@ -55,7 +44,8 @@ struct Cluster {
     sender: Node,
     receiver: Node,
     pids: Arc<[Pid]>,
-    counter: Arc<Counter>,
+    /// What the receivers have counted (messages and payload bytes, in all).
+    tally: Arc<Tally>,
     sent: u64,
     sent_bytes: u64,
 }
@@ -75,29 +65,16 @@ const COALESCED: [(&str, Boot); 2] = [
 fn boot<T: Transport, const COALESCE: bool>(backend: &'static str, rt: &Runtime) -> Cluster {
     rt.block_on(async {
         let (sender, receiver) = common::pair::<T>("sender", "receiver", COALESCE).await;
-        let counter = Arc::new(Counter::default());
+        let tally = Tally::new();
         let pids: Arc<[Pid]> = (0..MAX_K)
-            .map(|_| {
-                let counter = counter.clone();
-                receiver.spawn(|mut ctx| async move {
-                    while let Some(msg) = ctx.recv().await {
-                        let len = msg.payload().len() as u64;
-                        drop(msg); // frees its share of the link budget at once
-                        counter.bytes.fetch_add(len, Ordering::Relaxed);
-                        let n = counter.messages.fetch_add(1, Ordering::AcqRel) + 1;
-                        if n == counter.target.load(Ordering::Acquire) {
-                            counter.done.notify_one();
-                        }
-                    }
-                })
-            })
+            .map(|_| counting_receiver(&receiver, tally.clone()))
             .collect();
         Cluster {
             backend,
             sender,
             receiver,
             pids,
-            counter,
+            tally,
             sent: 0,
             sent_bytes: 0,
         }
@@ -110,7 +87,7 @@ impl Cluster {
     fn batch(&mut self, rt: &Runtime, k: usize, payload: &Bytes, iters: u64) -> Duration {
         let sender = self.sender.clone();
         let pids = self.pids.clone();
-        let counter = self.counter.clone();
+        let tally = self.tally.clone();
         let payload = payload.clone();
         let (messages_before, bytes_before) = (self.sent, self.sent_bytes);
         let target = messages_before + iters;
@@ -120,11 +97,10 @@ impl Cluster {
         let elapsed = rt.block_on(async move {
             let task = tokio::spawn(async move {
                 assert_eq!(
-                    counter.messages.load(Ordering::Acquire),
+                    tally.messages(),
                     messages_before,
                     "{backend}: receivers counted messages that were never sent"
                 );
-                counter.target.store(target, Ordering::Release);
                 let start = Instant::now();
                 let mut next = 0;
                 for _ in 0..iters {
@@ -136,34 +112,20 @@ impl Cluster {
                         next = 0;
                     }
                 }
-                let all_counted = async {
-                    loop {
-                        let mut notified = pin!(counter.done.notified());
-                        notified.as_mut().enable();
-                        if counter.messages.load(Ordering::Acquire) >= target {
-                            break;
-                        }
-                        notified.await;
-                    }
-                };
-                if tokio::time::timeout(common::DEADLINE, all_counted)
-                    .await
-                    .is_err()
-                {
+                if let Err(short) = tally.wait_for(target, common::DEADLINE).await {
                     panic!(
                         "{backend}: lost messages: {target} sent in all, receivers counted {} \
                          after waiting {:?}",
-                        counter.messages.load(Ordering::Acquire),
-                        common::DEADLINE
+                        short.counted, short.waited
                     );
                 }
                 let elapsed = start.elapsed();
-                let got = counter.messages.load(Ordering::Acquire);
+                let got = tally.messages();
                 assert_eq!(
                     got, target,
                     "{backend}: sent {target} messages, counted {got}"
                 );
-                let got_bytes = counter.bytes.load(Ordering::Acquire);
+                let got_bytes = tally.bytes();
                 assert_eq!(
                     got_bytes, target_bytes,
                     "{backend}: sent {target_bytes} payload bytes, counted {got_bytes}"

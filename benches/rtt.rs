@@ -21,11 +21,12 @@
 //! `cargo bench --bench rtt -- multi_thread` (one flavour); add `--quick` or
 //! `--measurement-time 1` for a faster, rougher run.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use rusm_cluster::{Node, Pid, Transport};
+use rusm_testkit::{Latencies, Rank};
 use rusm_transport_quinn::QuinnTransport;
 use rusm_transport_s2n::S2nTransport;
 use tokio::runtime::Runtime;
@@ -56,16 +57,7 @@ const BACKENDS: [(&str, Boot); 2] = [
 fn boot<T: Transport>(backend: &'static str, rt: &Runtime) -> Pair {
     rt.block_on(async {
         let (a, b) = common::pair::<T>("ping", "echo", false).await;
-        let echo = b.spawn(|mut ctx| async move {
-            while let Some(msg) = ctx.recv().await {
-                let Some(from) = msg.from().cloned() else {
-                    continue;
-                };
-                if ctx.send_to(&from, msg.into_payload()).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let echo = rusm_testkit::echo(&b);
         Pair {
             backend,
             a,
@@ -81,32 +73,18 @@ impl Pair {
     /// `record`, each one's.
     fn round_trips(&mut self, rt: &Runtime, n: u64, record: bool) -> (Duration, Vec<Duration>) {
         let backend = self.backend;
-        let echo = self.echo.clone();
         let ping = Bytes::from(vec![0xab; SIZE]);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let out = rt.block_on(async {
-            self.a.spawn(move |mut ctx| async move {
-                let mut samples = Vec::with_capacity(if record { n as usize } else { 0 });
-                let start = Instant::now();
-                for _ in 0..n {
-                    let t = record.then(Instant::now);
-                    if let Err(e) = ctx.send_to(&echo, ping.clone()).await {
-                        panic!("{backend}: ping to {echo}: {e}");
-                    }
-                    let Some(reply) = ctx.recv().await else {
-                        panic!("{backend}: node A shut down while waiting for a reply");
-                    };
-                    assert_eq!(reply.payload(), &ping, "{backend}: wrong echo");
-                    if let Some(t) = t {
-                        samples.push(t.elapsed());
-                    }
-                }
-                let _ = tx.send((start.elapsed(), samples));
-            });
-            common::within("waiting for the round trips", rx).await
-        });
+        let out = rt.block_on(rusm_testkit::round_trips(
+            &self.a,
+            &self.echo,
+            ping,
+            n,
+            record,
+            common::DEADLINE,
+        ));
         self.round_trips += n;
-        out.unwrap_or_else(|_| panic!("{backend}: the pinging process failed (see its panic)"))
+        let out = out.unwrap_or_else(|e| panic!("{backend}: {e}"));
+        (out.total, out.samples)
     }
 
     fn finish(self, rt: &Runtime) {
@@ -121,19 +99,11 @@ impl Pair {
 }
 
 /// Prints p50 / p99 of `samples` (and min, mean, max), in microseconds.
-fn print_percentiles(id: &str, mut samples: Vec<Duration>) {
-    samples.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let pct = |p: f64| us(samples[((samples.len() - 1) as f64 * p).round() as usize]);
-    let mean = us(samples.iter().sum::<Duration>()) / samples.len() as f64;
+fn print_percentiles(id: &str, samples: Vec<Duration>) {
+    let l = Latencies::of(samples, Rank::Nearest);
     println!(
         "rtt/{id}: {} round trips: p50 {:.1} µs, p99 {:.1} µs (min {:.1}, mean {:.1}, max {:.1})",
-        samples.len(),
-        pct(0.50),
-        pct(0.99),
-        us(samples[0]),
-        mean,
-        us(samples[samples.len() - 1]),
+        l.count, l.p50_us, l.p99_us, l.min_us, l.mean_us, l.max_us,
     );
 }
 

@@ -49,6 +49,7 @@ macro_rules! matrix {
             case!(capability_frames_reach_only_links_that_negotiated_them);
             case!(unannounced_capability_frame_closes_only_that_link);
             case!(a_node_restarts_on_its_old_address);
+            case!(exited_processes_leave_no_pair_state);
         }
     };
 }

@@ -8,19 +8,16 @@
 //! Our figures are printed as ratios of them. Every sent message is counted at the receiver; a
 //! run that loses one fails.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rusm_cluster::core::transport::{
-    Connection, EndpointConfig, RecvStream, SendStream, Transport, TransportTuning,
-};
+use rusm_cluster::core::transport::{Connection, RecvStream, SendStream, Transport};
 use rusm_cluster::quinn_transport::QuinnTransport;
 use rusm_cluster::s2n_transport::S2nTransport;
-use rusm_cluster::{ClusterCa, Coalescing, Node, NodeBuilder, NodeConfig};
+use rusm_cluster::{ClusterCa, Coalescing, Node, NodeConfig};
+use rusm_testkit::{Latencies, Rank, Tally, BENCH_DEADLINE};
 use serde::Serialize;
 
 /// Which backend(s) to measure.
@@ -205,8 +202,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+/// (p50, p99) of round-trip `samples` in µs, at the rank below (as this command always has).
+fn p50_p99(samples: Vec<Duration>) -> (f64, f64) {
+    let l = Latencies::of(samples, Rank::Below);
+    (l.p50_us, l.p99_us)
 }
 
 async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
@@ -256,22 +255,13 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
     })
 }
 
+/// `sender` connected to `receiver`, once both ends see the link.
 async fn nodes<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(Node, Node)> {
     let mut config = NodeConfig::default();
     if args.coalesce {
         config.coalescing = Some(Coalescing::default());
     }
-    let start = |name: &str| -> Result<_> {
-        Ok(NodeBuilder::<T>::new(name)
-            .identity(ca.issue(name)?)
-            .trust(ca.trust())
-            .config(config.clone())
-            .start())
-    };
-    let a = start("sender")?.await?;
-    let b = start("receiver")?.await?;
-    a.connect("receiver", b.local_addr()).await?;
-    Ok((a, b))
+    Ok(rusm_testkit::linked_pair::<T>(ca, "sender", "receiver", config, BENCH_DEADLINE).await?)
 }
 
 /// Sends for `--duration` (or `--messages`), then waits until the receivers counted every one.
@@ -281,16 +271,10 @@ async fn cluster_throughput<T: Transport>(
     args: &BenchArgs,
 ) -> Result<(u64, u64, f64)> {
     let (a, b) = nodes::<T>(ca, args).await?;
-    let received = Arc::new(AtomicU64::new(0));
-    let mut pids = Vec::with_capacity(args.receivers);
-    for _ in 0..args.receivers {
-        let received = received.clone();
-        pids.push(b.spawn(|mut ctx| async move {
-            while ctx.recv().await.is_some() {
-                received.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
+    let received = Tally::new();
+    let pids: Vec<_> = (0..args.receivers)
+        .map(|_| rusm_testkit::counting_receiver(&b, received.clone()))
+        .collect();
     let payload = Bytes::from(vec![0xab; args.size]);
     let start = Instant::now();
     let mut sent = 0u64;
@@ -299,9 +283,9 @@ async fn cluster_throughput<T: Transport>(
         a.send_to(to, payload.clone()).await?;
         sent += 1;
     }
-    wait_count(&received, sent).await?;
+    received.wait_for(sent, BENCH_DEADLINE).await?;
     let elapsed = start.elapsed();
-    let got = received.load(Ordering::Relaxed);
+    let got = received.messages();
     a.shutdown().await;
     b.shutdown().await;
     ensure!(got == sent, "sent {sent} but received {got}");
@@ -319,48 +303,15 @@ fn keep_sending(args: &BenchArgs, sent: u64, start: Instant) -> bool {
     }
 }
 
-async fn wait_count(counter: &AtomicU64, want: u64) -> Result<()> {
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while counter.load(Ordering::Relaxed) < want {
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "only {} of {want} messages arrived within 120 s",
-            counter.load(Ordering::Relaxed)
-        )
-    })
-}
-
 /// Ping-pong between a process on each node. Returns (p50, p99) in µs.
 async fn cluster_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
     let (a, b) = nodes::<T>(ca, args).await?;
-    let echo = b.spawn(|mut ctx| async move {
-        while let Some(m) = ctx.recv().await {
-            if let Some(from) = m.from().cloned() {
-                let _ = ctx.send_to(&from, m.into_payload()).await;
-            }
-        }
-    });
+    let echo = rusm_testkit::echo(&b);
     let n = args.round_trips.max(10);
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let ping = Bytes::from(vec![0xcd; args.size]);
-    a.spawn(move |mut ctx| async move {
-        let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            if ctx.send_to(&echo, ping.clone()).await.is_err() || ctx.recv().await.is_none() {
-                break;
-            }
-            samples.push(t.elapsed());
-        }
-        let _ = tx.send(samples);
-    });
-    let mut samples = tokio::time::timeout(Duration::from_secs(120), rx)
-        .await
-        .context("round trips did not finish within 120 s")??;
+    let samples = rusm_testkit::round_trips(&a, &echo, ping, n as u64, true, BENCH_DEADLINE)
+        .await?
+        .samples;
     a.shutdown().await;
     b.shutdown().await;
     ensure!(
@@ -368,21 +319,13 @@ async fn cluster_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(
         "only {} of {n} round trips completed",
         samples.len()
     );
-    samples.sort();
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+    Ok(p50_p99(samples))
 }
 
 // ---- the raw baseline: the bare stack through the same backend, TLS and limits -------------
 
 async fn raw_pair<T: Transport>(ca: &ClusterCa) -> Result<(T, T, T::Connection, T::Connection)> {
-    let bind = |name: &str| -> Result<T> {
-        Ok(T::bind(EndpointConfig {
-            identity: ca.issue(name)?,
-            trust: ca.trust(),
-            listen: "127.0.0.1:0".parse()?,
-            tuning: TransportTuning::default(),
-        })?)
-    };
+    let bind = |name: &str| -> Result<T> { Ok(rusm_testkit::bind_endpoint(ca.issue(name)?, ca)?) };
     let server = bind("raw-server")?;
     let client = bind("raw-client")?;
     let addr = server.local_addr()?;
@@ -418,21 +361,21 @@ async fn raw_throughput<T: Transport>(
     concurrent: bool,
 ) -> Result<f64> {
     let (server, client, out, inc) = raw_pair::<T>(ca).await?;
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Tally::new();
     let counter = received.clone();
     let reader = tokio::spawn(async move {
         if !concurrent {
             while let Ok(Some(s)) = inc.accept_uni().await {
-                read_to_end(s).await;
-                counter.fetch_add(1, Ordering::Relaxed);
+                let n = read_to_end(s).await;
+                counter.count(n as u64);
             }
             return;
         }
         let mut reads = FuturesUnordered::new();
         loop {
             tokio::select! {
-                Some(_) = reads.next(), if !reads.is_empty() => {
-                    counter.fetch_add(1, Ordering::Relaxed);
+                Some(n) = reads.next(), if !reads.is_empty() => {
+                    counter.count(n as u64);
                 }
                 s = inc.accept_uni() => match s {
                     Ok(Some(s)) => reads.push(read_to_end(s)),
@@ -448,7 +391,7 @@ async fn raw_throughput<T: Transport>(
         raw_send(&out, &payload).await?;
         sent += 1;
     }
-    wait_count(&received, sent).await?;
+    received.wait_for(sent, BENCH_DEADLINE).await?;
     let rate = sent as f64 / start.elapsed().as_secs_f64();
     out.close(0, b"done");
     reader.abort();
@@ -484,8 +427,7 @@ async fn raw_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64,
     echo.abort();
     client.close();
     server.close();
-    samples.sort();
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+    Ok(p50_p99(samples))
 }
 
 /// The kernel's count of UDP packets dropped for a full receive buffer (all sockets).

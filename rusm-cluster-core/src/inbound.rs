@@ -27,7 +27,7 @@
 //! A slow local process is not the peer's fault: while anything of the link waits in a mailbox,
 //! a spent budget is plain backpressure and the link stays up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::order::{PeerKeyHasher, Placed, Reorder};
@@ -62,14 +62,19 @@ pub trait InboundMessage {
     fn charge(&self) -> usize;
 }
 
-/// The timeouts of the receiving half.
+/// The limits of the receiving half.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InboundConfig {
     /// How long a pair may hold messages behind a missing number before the link is closed.
     pub gap_timeout: Duration,
     /// How long the link budget may stay spent on the peer's unfinished and out-of-order
     /// messages alone (nothing in mailboxes to free it) before the link is closed.
     pub stall_timeout: Duration,
+    /// How many (sender, destination) pairs a link may keep state for. A peer's pairs are
+    /// forgotten as its processes exit (see [`Frame::Retire`](crate::wire::Frame::Retire)), so
+    /// only the pairs of live processes count; a peer past this is cut off.
+    pub max_pairs: usize,
 }
 
 impl Default for InboundConfig {
@@ -77,6 +82,7 @@ impl Default for InboundConfig {
         InboundConfig {
             gap_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(10),
+            max_pairs: 1 << 18,
         }
     }
 }
@@ -113,6 +119,12 @@ pub enum InboundClose {
         partial_bytes: usize,
         /// How long nothing moved.
         after: Duration,
+    },
+    /// The peer keeps more pairs alive than [`InboundConfig::max_pairs`].
+    #[error("more than {max} live (sender, destination) pairs")]
+    TooManyPairs {
+        /// [`InboundConfig::max_pairs`].
+        max: usize,
     },
     /// The peer sent more lost notices for numbers not yet reached than any sender has
     /// messages in flight.
@@ -155,6 +167,10 @@ pub struct Inbound<M> {
     open: usize,
     goodbye: Option<(String, u64)>,
     closed: Option<InboundClose>,
+    /// Exited senders whose pairs were forgotten, kept for a gap timeout so a straggler of
+    /// theirs is dropped instead of starting the pair afresh; oldest first.
+    retired: VecDeque<(Instant, u64)>,
+    retired_ids: HashSet<u64, PeerKeyHasher>,
 }
 
 impl<M: InboundMessage> Inbound<M> {
@@ -172,6 +188,8 @@ impl<M: InboundMessage> Inbound<M> {
             open: 0,
             goodbye: None,
             closed: None,
+            retired: VecDeque::new(),
+            retired_ids: HashSet::default(),
         }
     }
 
@@ -221,10 +239,25 @@ impl<M: InboundMessage> Inbound<M> {
     pub fn on_message(&mut self, now: Instant, msg: M, out: &mut Vec<M>) -> Counted {
         let h = msg.header();
         let (key, seq, charge) = ((h.from, h.to.clone()), h.seq, msg.charge());
+        if !self.retired_ids.is_empty()
+            && key.0.is_some_and(|from| self.retired_ids.contains(&from))
+            && !self.reorder.knows(&key)
+        {
+            // A straggler of a pair already forgotten: its number was given up.
+            return Counted {
+                lost: 1,
+                ..Counted::default()
+            };
+        }
         let before = out.len();
         match self.reorder.on_message(&key, seq, msg, out) {
             // In order with nothing waiting: the common case, no bookkeeping.
-            Placed::Delivered(0) if self.gaps.is_empty() => Counted::default(),
+            Placed::Delivered(0) if self.gaps.is_empty() => {
+                if seq == 1 {
+                    self.check_pairs();
+                }
+                Counted::default()
+            }
             Placed::Delivered(_) => {
                 let released = out[before + 1..].iter().map(|m| m.charge()).sum::<usize>();
                 self.held_bytes = self.held_bytes.saturating_sub(released);
@@ -234,6 +267,7 @@ impl<M: InboundMessage> Inbound<M> {
             Placed::Held => {
                 self.held_bytes += charge;
                 self.track_gap(now, key);
+                self.check_pairs();
                 Counted::default()
             }
             Placed::Late => Counted {
@@ -296,6 +330,33 @@ impl<M: InboundMessage> Inbound<M> {
         true
     }
 
+    /// A pair was created: the peer is cut off past [`InboundConfig::max_pairs`].
+    fn check_pairs(&mut self) {
+        if self.reorder.pairs() > self.config.max_pairs && self.closed.is_none() {
+            self.closed = Some(InboundClose::TooManyPairs {
+                max: self.config.max_pairs,
+            });
+        }
+    }
+
+    /// The peer's process `from` exited (`Retire` frame): each of its pairs is forgotten once
+    /// past its last number.
+    pub fn on_retire(&mut self, now: Instant, from: u64, pairs: Vec<(Dest, u64)>) {
+        for (to, last) in pairs {
+            let key = (Some(from), to);
+            self.reorder.retire(&key, last);
+            self.track_gap(now, key);
+        }
+        if self.retired_ids.insert(from) {
+            self.retired.push_back((now, from));
+        }
+    }
+
+    /// How many pairs the link keeps state for.
+    pub fn pairs(&self) -> usize {
+        self.reorder.pairs()
+    }
+
     /// Keeps the pair's gap clock: started when it first waits, stopped when it settles.
     fn track_gap(&mut self, now: Instant, key: PairKey) {
         if self.reorder.waiting_for(&key).is_some() {
@@ -346,14 +407,22 @@ impl<M: InboundMessage> Inbound<M> {
             .min()
             .map(|since| *since + self.config.gap_timeout);
         let stall = self.starved_since.map(|s| s + self.config.stall_timeout);
-        match (gap, stall) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retired = self
+            .retired
+            .front()
+            .map(|(since, _)| *since + self.config.gap_timeout);
+        [gap, stall, retired].into_iter().flatten().min()
     }
 
     /// Checks the clocks: `Some` once the link must be closed (and from then on).
     pub fn handle_timeout(&mut self, now: Instant) -> Option<&InboundClose> {
+        while let Some((since, from)) = self.retired.front() {
+            if now < *since + self.config.gap_timeout {
+                break;
+            }
+            self.retired_ids.remove(from);
+            self.retired.pop_front();
+        }
         if self.closed.is_none() {
             if let Some(since) = self.starved_since {
                 if now >= since + self.config.stall_timeout {
@@ -460,6 +529,7 @@ mod tests {
         Inbound::new(InboundConfig {
             gap_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(10),
+            max_pairs: 100,
         })
     }
 
@@ -633,6 +703,39 @@ mod tests {
                 max: MAX_PENDING_LOSSES
             })
         );
+    }
+
+    #[test]
+    fn pairs_of_exited_processes_are_forgotten_and_live_ones_are_capped() {
+        let mut m = machine();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let db = || Dest::Name("db".into());
+        // 1,000 short-lived processes, one message each: no state is left behind.
+        for from in 0..1000 {
+            m.on_message(t0, msg(from, 1), &mut out);
+            m.on_retire(t0, from, vec![(db(), 1)]);
+        }
+        assert_eq!(out.len(), 1000);
+        assert_eq!(m.pairs(), 0);
+        // Retired before its messages came: kept until they have, in order.
+        m.on_retire(t0, 5000, vec![(db(), 2)]);
+        m.on_message(t0, msg(5000, 2), &mut out);
+        m.on_message(t0, msg(5000, 1), &mut out);
+        assert_eq!(seqs(&out[1000..]), [1, 2]);
+        assert_eq!(m.pairs(), 0);
+        // A straggler of a forgotten pair is dropped and counted, not started afresh.
+        assert_eq!(m.on_message(t0, msg(7, 1), &mut out).lost, 1);
+        assert_eq!(m.pairs(), 0);
+        // The memory of exited senders lasts a gap timeout.
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+        assert!(m.handle_timeout(t0 + Duration::from_secs(30)).is_none());
+        assert_eq!(m.poll_timeout(), None);
+        // Live pairs beyond the cap cut the peer off.
+        for from in 0..=100 {
+            m.on_message(t0, msg(10_000 + from, 1), &mut out);
+        }
+        assert_eq!(m.closed(), Some(&InboundClose::TooManyPairs { max: 100 }));
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct Pair<M> {
     window: VecDeque<Slot<M>>,
     far_held: BTreeMap<u64, M>,
     far_lost: BTreeSet<u64>,
+    /// The sender will send nothing after this number: the pair is forgotten once past it.
+    last: Option<u64>,
 }
 
 impl<M> Default for Pair<M> {
@@ -55,6 +57,7 @@ impl<M> Default for Pair<M> {
             window: VecDeque::new(),
             far_held: BTreeMap::new(),
             far_lost: BTreeSet::new(),
+            last: None,
         }
     }
 }
@@ -62,6 +65,11 @@ impl<M> Default for Pair<M> {
 impl<M> Pair<M> {
     fn is_settled(&self) -> bool {
         self.window.is_empty() && self.far_held.is_empty() && self.far_lost.is_empty()
+    }
+
+    /// Retired and past its last number: nothing more can come.
+    fn is_done(&self) -> bool {
+        self.last.is_some_and(|last| self.next > last) && self.is_settled()
     }
 
     /// Records number `seq` (at least `next`) as held or lost; `false` if it already was one
@@ -208,6 +216,9 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
             // In order with nothing waiting: the common case.
             out.push(msg);
             pair.next += 1;
+            if pair.last.is_some() {
+                self.forget_if_done(key);
+            }
             return Placed::Delivered(0);
         }
         if !pair.put(seq, Slot::Held(Box::new(msg))) {
@@ -216,6 +227,7 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         let first = seq == pair.next;
         let released = pair.advance(out);
         self.held = self.held + 1 - released;
+        self.forget_if_done(key);
         if first {
             Placed::Delivered(released - 1)
         } else {
@@ -236,7 +248,30 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         }
         let released = pair.advance(out);
         self.held -= released;
+        self.forget_if_done(key);
         true
+    }
+
+    /// The sender of pair `key` will send nothing after number `last` (its process exited): the
+    /// pair's state is dropped once every number up to `last` was delivered or given up, now
+    /// or when the last of them comes. Returns whether it was dropped now.
+    pub fn retire(&mut self, key: &K, last: u64) -> bool {
+        // A pair not seen yet is created, so its messages still in flight are kept in order.
+        self.pair(key).last = Some(last);
+        self.forget_if_done(key)
+    }
+
+    fn forget_if_done(&mut self, key: &K) -> bool {
+        if self.pairs.get(key).is_some_and(Pair::is_done) {
+            self.pairs.remove(key);
+            return true;
+        }
+        false
+    }
+
+    /// Whether pair `key` has state here.
+    pub fn knows(&self, key: &K) -> bool {
+        self.pairs.contains_key(key)
     }
 
     /// Whether `seq` is the number pair `key` waits for next (what a message that fills a gap,
@@ -394,6 +429,27 @@ mod tests {
         assert_eq!(out, want);
         assert_eq!(r.held(), 0);
         assert_eq!(r.on_message(&(), 5, 5, &mut out), Placed::Late);
+    }
+
+    #[test]
+    fn a_retired_pair_is_forgotten_once_past_its_last_number() {
+        let mut r = Reorder::new();
+        let mut out = Vec::new();
+        r.on_message(&"a", 1, 1, &mut out);
+        assert!(r.retire(&"a", 1), "nothing more can come");
+        assert!(!r.knows(&"a"));
+        // Retired before its messages arrived: kept until they have.
+        assert!(!r.retire(&"b", 3));
+        r.on_message(&"b", 2, 2, &mut out);
+        r.on_message(&"b", 1, 1, &mut out);
+        assert!(r.knows(&"b"));
+        assert!(r.on_lost(&"b", 3, &mut out));
+        assert!(!r.knows(&"b"));
+        assert_eq!(out, vec![1, 1, 2]);
+        assert_eq!(r.pairs(), 0);
+        // A retired pair with nothing sent is dropped at once.
+        assert!(r.retire(&"c", 0));
+        assert_eq!(r.pairs(), 0);
     }
 
     #[test]

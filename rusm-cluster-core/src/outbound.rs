@@ -15,6 +15,8 @@ use crate::wire::Dest;
 #[derive(Debug, Default)]
 pub struct Numbering {
     seqs: HashMap<PairKey, u64, foldhash::fast::RandomState>,
+    /// The destinations each sending process has numbered pairs to.
+    by_sender: HashMap<u64, Vec<Dest>, foldhash::fast::RandomState>,
 }
 
 impl Numbering {
@@ -31,8 +33,25 @@ impl Numbering {
             *s += 1;
             return (*s, key.1);
         }
+        if let Some(id) = from {
+            self.by_sender.entry(id).or_default().push(key.1.clone());
+        }
         self.seqs.insert(key.clone(), 1);
         (1, key.1)
+    }
+
+    /// Process `from` exited (its id is never reused): forgets its pairs and returns each
+    /// destination with the last number given, for the peer's
+    /// [`Frame::Retire`](crate::wire::Frame::Retire).
+    pub fn retire(&mut self, from: u64) -> Vec<(Dest, u64)> {
+        let dests = self.by_sender.remove(&from).unwrap_or_default();
+        dests
+            .into_iter()
+            .filter_map(|to| {
+                let last = self.seqs.remove(&(Some(from), to.clone()))?;
+                Some((to, last))
+            })
+            .collect()
     }
 
     /// How many pairs have been numbered.
@@ -57,5 +76,12 @@ mod tests {
         assert_eq!(n.next(None, db()).0, 1, "sent from outside a process");
         assert_eq!(n.next(Some(1), db()).0, 3);
         assert_eq!(n.pairs(), 4);
+        // Process 1 exits: its two pairs end at their last numbers and are forgotten.
+        let mut retired = n.retire(1);
+        retired.sort();
+        assert_eq!(retired, vec![(pid, 1), (db(), 3)]);
+        assert_eq!(n.pairs(), 2);
+        assert!(n.retire(1).is_empty());
+        assert!(n.retire(99).is_empty());
     }
 }

@@ -196,6 +196,9 @@ pub struct PeerInfo {
     pub capabilities: Vec<String>,
     /// The peer is hidden (an attach client): it never joins the mesh.
     pub hidden: bool,
+    /// (Sender, destination) pairs from this peer whose order this node keeps state for: the
+    /// pairs of the peer's live processes (an exited process's pairs are forgotten).
+    pub pairs_in: usize,
 }
 
 /// Type-erased transport operations (the node is not generic; the driver is).
@@ -913,6 +916,11 @@ impl Drop for ExitGuard {
         if let Some(node) = self.node.upgrade() {
             write(&node.processes).remove(&self.id);
             write(&node.names).retain(|_, id| *id != self.id);
+            // Its pairs end here: peers forget their order state for them.
+            let links: Vec<Arc<LinkHandle>> = lock(&node.links).up.values().cloned().collect();
+            for link in links {
+                link.retire(self.id);
+            }
         }
     }
 }

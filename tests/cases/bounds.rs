@@ -117,10 +117,9 @@ async fn mallory_cut_off(
 /// the held-back messages are charged to the link budget, the node stops reading once it is
 /// spent, and the gap that never fills closes the link.
 pub async fn withheld_first_message_cannot_grow_memory<T: Transport>() {
-    let inbound = InboundConfig {
-        gap_timeout: Duration::from_secs(3),
-        stall_timeout: Duration::from_secs(600),
-    };
+    let mut inbound = InboundConfig::default();
+    inbound.gap_timeout = Duration::from_secs(3);
+    inbound.stall_timeout = Duration::from_secs(600);
     let (london, paris, mut inbox, raw) = attacked::<T>(inbound).await;
     let mut events = london.subscribe();
     let base = rss();
@@ -202,10 +201,9 @@ pub async fn withheld_first_message_cannot_grow_memory<T: Transport>() {
 /// never finishing: each message is charged its whole length before its payload is read, the
 /// node stops reading once the budget is spent, and the stall closes the link.
 pub async fn unfinished_large_messages_cannot_grow_memory<T: Transport>() {
-    let inbound = InboundConfig {
-        gap_timeout: Duration::from_secs(600),
-        stall_timeout: Duration::from_secs(2),
-    };
+    let mut inbound = InboundConfig::default();
+    inbound.gap_timeout = Duration::from_secs(600);
+    inbound.stall_timeout = Duration::from_secs(2);
     let (london, paris, mut inbox, raw) = attacked::<T>(inbound).await;
     let mut events = london.subscribe();
     let max = london.config().limits.max_message_size as u64;

@@ -26,11 +26,10 @@ pub use mixed::*;
 pub use security::*;
 pub use streams::*;
 
-use std::future::Future;
 use std::time::Duration;
 
-use rusm_cluster::core::transport::{EndpointConfig, Transport, TransportTuning};
-use rusm_cluster::{ClusterCa, Identity, Message, Node, NodeBuilder, NodeEvent, Pid};
+use rusm_cluster::core::transport::Transport;
+use rusm_cluster::{ClusterCa, Message, NodeBuilder, NodeEvent};
 use tokio::sync::{broadcast, mpsc};
 
 // The helpers live in the workspace's testkit, shared with the benches and `rusm bench`.

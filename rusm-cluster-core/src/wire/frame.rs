@@ -156,6 +156,16 @@ pub enum Frame {
         /// The lost message's number.
         seq: u64,
     },
+    /// Process `from` of the sender exited (process ids are never reused): its pairs end at
+    /// these numbers. The receiver forgets each pair's state once it has delivered (or given
+    /// up) every number up to the last, so the state of pairs does not grow with the number of
+    /// processes that ever sent.
+    Retire {
+        /// The exited process.
+        from: u64,
+        /// Each destination it sent to, with the last number it sent there.
+        pairs: Vec<(crate::wire::Dest, u64)>,
+    },
     /// A frame of a capability built on links (registry gossip, request/reply, ...). Only sent
     /// on a link where both sides announced the capability; the body is the capability's own.
     Capability {
@@ -183,6 +193,7 @@ impl Frame {
             Frame::Welcome(_) => "welcome",
             Frame::Reject(_) => "reject",
             Frame::Lost { .. } => "lost",
+            Frame::Retire { .. } => "retire",
             Frame::Capability { .. } => "capability",
             Frame::Goodbye { .. } => "goodbye",
         }

@@ -64,8 +64,16 @@ const COALESCE_MAX: usize = 4 << 10;
 const MAX_READS: usize = 4096;
 /// Coalesced streams a link may have written and not yet seen acknowledged.
 const MAX_UNACKED_STREAMS: usize = 4;
-/// Lost notices read from the control stream and not yet taken by the reader.
-const LOST_QUEUE: usize = 1024;
+/// Lost and retire notices read from the control stream and not yet taken by the reader.
+const NOTICE_QUEUE: usize = 1024;
+
+/// What the control loop passes to the reader: frames about the pairs the reader orders.
+pub(super) enum Notice {
+    /// A numbered message will never arrive whole.
+    Lost(Option<u64>, Dest, u64),
+    /// The sending process exited: its pairs end at these numbers.
+    Retire(u64, Vec<(Dest, u64)>),
+}
 /// How long a closing side waits for the peer to drain after a goodbye or reject.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -81,6 +89,8 @@ pub(crate) struct LinkHandle {
     pub(crate) capabilities: LinkCapabilities,
     /// The peer is hidden (an attach client): it never joins the mesh.
     pub(crate) hidden: bool,
+    /// Pairs from the peer whose order the reader keeps state for.
+    pairs_in: AtomicUsize,
     /// Present when the link coalesces.
     outbox: Option<Outbox>,
     control: mpsc::UnboundedSender<Frame>,
@@ -110,6 +120,7 @@ impl LinkHandle {
             messages_received: self.received.load(Ordering::Relaxed),
             capabilities: self.capabilities.common().to_vec(),
             hidden: self.hidden,
+            pairs_in: self.pairs_in.load(Ordering::Relaxed),
         }
     }
 
@@ -185,6 +196,18 @@ impl LinkHandle {
         lock(&self.seqs).next(from, to)
     }
 
+    /// Local process `from` exited: forgets its pairs and tells the peer where they ended, so
+    /// the peer forgets them too.
+    pub(crate) fn retire(&self, from: u64) {
+        let pairs = match &self.outbox {
+            Some(outbox) => lock(&outbox.state).seqs.retire(from),
+            None => lock(&self.seqs).retire(from),
+        };
+        if !pairs.is_empty() {
+            let _ = self.control.send(Frame::Retire { from, pairs });
+        }
+    }
+
     /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the
     /// peer how many streams to expect, and the peer closes once it has read them all.
     pub(crate) async fn goodbye(&self, reason: &str) {
@@ -237,6 +260,7 @@ fn register<C: Connection>(
             &intro.capabilities,
         ),
         hidden: intro.hidden,
+        pairs_in: AtomicUsize::new(0),
         sender: Box::new(TypedSender(conn.clone())),
         outbox: node.inner.config.coalescing.map(Outbox::new),
         control,
@@ -294,7 +318,7 @@ async fn run_link<C: Connection>(
     let inner = &node.inner;
     let (goodbye_tx, goodbye_rx) = watch::channel(None);
     // Bounded: a peer flooding lost notices waits on its own control stream.
-    let (lost_tx, lost_rx) = mpsc::channel(LOST_QUEUE);
+    let (lost_tx, lost_rx) = mpsc::channel(NOTICE_QUEUE);
     let budget = Budget::new(inner.config.link_budget_bytes);
     let mut reader = Reader {
         machine: Inbound::new(inner.config.inbound),
@@ -390,7 +414,7 @@ async fn control_loop<S: SendStream, R: RecvStream>(
     dec: &mut FrameDecoder,
     mut frames: mpsc::UnboundedReceiver<Frame>,
     goodbye: &watch::Sender<Option<(String, u64)>>,
-    lost: &mpsc::Sender<(Option<u64>, Dest, u64)>,
+    lost: &mpsc::Sender<Notice>,
 ) -> DownReason {
     let stats = &node.inner.stats;
     let violation = |why: String| {
@@ -421,7 +445,10 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                                 let _ = goodbye.send(Some((reason, streams)));
                             }
                             Ok(Some(Frame::Lost { from, to, seq })) => {
-                                let _ = lost.send((from, to, seq)).await;
+                                let _ = lost.send(Notice::Lost(from, to, seq)).await;
+                            }
+                            Ok(Some(Frame::Retire { from, pairs })) => {
+                                let _ = lost.send(Notice::Retire(from, pairs)).await;
                             }
                             Ok(Some(Frame::Capability { capability, body })) => {
                                 match node.inner.router.route(&link.capabilities, &capability) {

@@ -211,7 +211,7 @@ pub(super) async fn read_loop<C: Connection>(
     conn: &C,
     reader: &mut Reader,
     mut goodbye: watch::Receiver<Option<(String, u64)>>,
-    mut lost: mpsc::Receiver<(Option<u64>, Dest, u64)>,
+    mut lost: mpsc::Receiver<Notice>,
 ) -> DownReason {
     let inner = &node.inner;
     let stats = &inner.stats;
@@ -269,11 +269,19 @@ pub(super) async fn read_loop<C: Connection>(
                 }
                 continue;
             }
-            Some((from, to, seq)) = lost.recv() => {
-                // The sender never finished this message: stop waiting for it (counted once,
-                // and only if it had not arrived after all).
-                let c = reader.machine.on_lost_notice(Instant::now(), from, to, seq, &mut out);
-                reader.count(c);
+            Some(notice) = lost.recv() => {
+                match notice {
+                    // The sender never finished this message: stop waiting for it (counted
+                    // once, and only if it had not arrived after all).
+                    Notice::Lost(from, to, seq) => {
+                        let now = Instant::now();
+                        let c = reader.machine.on_lost_notice(now, from, to, seq, &mut out);
+                        reader.count(c);
+                    }
+                    Notice::Retire(from, pairs) => {
+                        reader.machine.on_retire(Instant::now(), from, pairs);
+                    }
+                }
                 Step::Ended
             }
             () = reader.budget.freed(wants.0, wants.1), if !parked.is_empty() => {
@@ -313,6 +321,8 @@ pub(super) async fn read_loop<C: Connection>(
                 .machine
                 .on_budget(Instant::now(), !parked.is_empty(), reader.budget.used());
         }
+        link.pairs_in
+            .store(reader.machine.pairs(), Ordering::Relaxed);
         let c = std::mem::take(&mut reader.counted);
         if c != Counted::default() {
             stats.lost_messages.fetch_add(c.lost, Ordering::Relaxed);
