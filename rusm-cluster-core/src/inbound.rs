@@ -199,17 +199,24 @@ impl<M: InboundMessage> Inbound<M> {
     /// are held. That one may be granted credit beyond the budget (up to the runtime's
     /// reserve): delivering it is what frees the messages held behind it.
     pub fn assess(&self, header: &EnvelopeHeader) -> (usize, bool) {
+        let payload = usize::try_from(header.len).unwrap_or(usize::MAX);
+        if self.gaps.is_empty() {
+            // No pair waits (the common case): no gap to fill, and no window to grow but the
+            // one this message may open, which the message after it pays for (charged at most
+            // once per gap, since from then on a pair waits).
+            return (payload.saturating_add(MESSAGE_OVERHEAD), false);
+        }
         let key = (header.from, header.to.clone());
-        let ahead = self.reorder.ahead(&key, header.seq);
+        let (ahead, window, waits) = self.reorder.standing(&key, header.seq);
         // Only the slots the window must grow by: those it spans already were paid for.
-        let new_slots = (ahead.min(SLOT_REACH) + 1).saturating_sub(self.reorder.window_len(&key));
-        let slots = if ahead == 0 { 0 } else { new_slots as usize };
-        let cost = usize::try_from(header.len)
-            .unwrap_or(usize::MAX)
-            .saturating_add(MESSAGE_OVERHEAD + slots * SLOT_COST);
-        let fills_gap = ahead == 0
-            && self.reorder.is_next(&key, header.seq)
-            && self.reorder.waiting_for(&key).is_some();
+        let slots = if ahead == 0 {
+            0
+        } else {
+            (ahead.min(SLOT_REACH) + 1).saturating_sub(window) as usize
+        };
+        let cost = payload.saturating_add(MESSAGE_OVERHEAD + slots * SLOT_COST);
+        // Ahead 0 is the next number, or one already past (late: its cost does not matter).
+        let fills_gap = ahead == 0 && waits;
         (cost, fills_gap)
     }
 
@@ -571,12 +578,11 @@ mod tests {
         let m = machine();
         let mut m = m;
         assert_eq!(m.assess(&header(1, 1, 10)), (10 + MESSAGE_OVERHEAD, false));
-        assert_eq!(
-            m.assess(&header(1, 11, 10)),
-            (10 + MESSAGE_OVERHEAD + 11 * SLOT_COST, false)
-        );
+        // While no pair waits, a message ahead is charged its payload alone.
+        assert_eq!(m.assess(&header(1, 11, 10)), (10 + MESSAGE_OVERHEAD, false));
         // Once number 11 is held, the window spans 1..=11: numbers within it add no slots.
         m.on_message(Instant::now(), Msg(header(1, 11, 10)), &mut Vec::new());
+        assert_eq!(m.assess(&header(2, 11, 10)).0, 10 + MESSAGE_OVERHEAD + 11 * SLOT_COST);
         assert_eq!(m.assess(&header(1, 5, 10)).0, 10 + MESSAGE_OVERHEAD);
         assert_eq!(
             m.assess(&header(1, 13, 10)).0,

@@ -280,16 +280,18 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
         seq == self.pairs.get(key).map_or(1, |p| p.next)
     }
 
-    /// How far ahead of the pair's next expected number `seq` is (0 for the next one, or one
-    /// already past).
-    pub fn ahead(&self, key: &K, seq: u64) -> u64 {
-        seq.saturating_sub(self.pairs.get(key).map_or(1, |p| p.next))
-    }
-
-    /// How many numbers from the pair's next one its reorder window already spans (numbers
-    /// within it cost a message no new slots).
-    pub fn window_len(&self, key: &K) -> u64 {
-        self.pairs.get(key).map_or(0, |p| p.window.len() as u64)
+    /// For a message numbered `seq` of pair `key`, in one look-up: how far ahead of the
+    /// pair's next number it is, how many numbers the pair's window spans, and whether the
+    /// pair waits (holds messages or knows of later losses).
+    pub fn standing(&self, key: &K, seq: u64) -> (u64, u64, bool) {
+        match self.pairs.get(key) {
+            Some(p) => (
+                seq.saturating_sub(p.next),
+                p.window.len() as u64,
+                !p.is_settled(),
+            ),
+            None => (seq.saturating_sub(1), 0, false),
+        }
     }
 
     /// The number pair `key` waits for while it holds messages or knows of later losses;
