@@ -232,7 +232,7 @@ pub struct MessageAssembler {
     done: u64,
     /// What is left of a chunk after a header, kept while the caller finds credit for the
     /// message (see [`push_gated`](Self::push_gated)).
-    stash: Option<Bytes>,
+    stash: Option<(Bytes, usize)>,
     /// A header was read and its payload waits for [`grant`](Self::grant).
     awaiting: bool,
 }
@@ -275,7 +275,7 @@ impl MessageAssembler {
     /// [`push_from`](Self::push_from), which does) and drop the assembler (the messages already
     /// pushed are whole and good).
     pub fn push(&mut self, chunk: Bytes, out: &mut Vec<ReadMessage>) -> Result<(), ReadError> {
-        self.push_inner(chunk, out, false).map(|_| ())
+        self.push_inner(chunk, 0, out, false).map(|_| ())
     }
 
     /// [`push`](Self::push) that stops after each message header, before any of its payload is
@@ -293,7 +293,7 @@ impl MessageAssembler {
             !self.awaiting,
             "push_gated while a message waits for credit"
         );
-        self.push_inner(chunk, out, true)
+        self.push_inner(chunk, 0, out, true)
     }
 
     /// The message whose header [`push_gated`](Self::push_gated) stopped at may now be read.
@@ -303,7 +303,7 @@ impl MessageAssembler {
 
     /// Bytes of a chunk kept while a message waits for credit.
     pub fn stashed_len(&self) -> usize {
-        self.stash.as_ref().map_or(0, Bytes::len)
+        self.stash.as_ref().map_or(0, |(chunk, pos)| chunk.len() - pos)
     }
 
     /// Whether a header was read and its message waits for [`grant`](Self::grant).
@@ -316,18 +316,20 @@ impl MessageAssembler {
     pub fn resume(&mut self, out: &mut Vec<ReadMessage>) -> Result<Pushed, ReadError> {
         debug_assert!(!self.awaiting, "resume before grant");
         // With nothing kept, an empty chunk still completes a message with no payload.
-        let rest = self.stash.take().unwrap_or_default();
-        self.push_inner(rest, out, true)
+        let (chunk, pos) = self.stash.take().unwrap_or_default();
+        self.push_inner(chunk, pos, out, true)
     }
 
     fn push_inner(
         &mut self,
         chunk: Bytes,
+        start: usize,
         out: &mut Vec<ReadMessage>,
         gated: bool,
     ) -> Result<Pushed, ReadError> {
-        // Walked by offset: the chunk is only sliced (a reference count) for a large payload.
-        let mut pos = 0;
+        // Walked by offset: the chunk is only sliced (a reference count) for a large payload,
+        // and kept whole, with the offset, while a message waits for credit.
+        let mut pos = start;
         loop {
             if self.header.is_none() {
                 if pos == chunk.len() {
@@ -339,7 +341,9 @@ impl MessageAssembler {
                 pos += used;
                 if gated {
                     self.awaiting = true;
-                    self.stash = (pos < chunk.len()).then(|| chunk.slice(pos..));
+                    if pos < chunk.len() {
+                        self.stash = Some((chunk, pos));
+                    }
                     return Ok(Pushed::NeedCredit);
                 }
             }
