@@ -259,7 +259,9 @@ impl<M: InboundMessage> Inbound<M> {
         let before = out.len();
         match self.reorder.on_message(&key, seq, msg, out) {
             // In order with nothing waiting: the common case, no bookkeeping.
-            Placed::Delivered(0) if self.gaps.is_empty() => {
+            // A pair not waiting stays so when its next message comes: no gap bookkeeping
+            // (a pair waits exactly when it is in `gaps`).
+            Placed::Delivered(0) if self.gaps.is_empty() || !self.gaps.contains_key(&key) => {
                 if seq == 1 {
                     self.check_pairs();
                 }
@@ -288,13 +290,15 @@ impl<M: InboundMessage> Inbound<M> {
     /// header had arrived.
     pub fn on_read_error(&mut self, now: Instant, error: &ReadError, out: &mut Vec<M>) -> Counted {
         let mut counted = Counted::default();
+        let news = match error.header() {
+            Some(h) => self.lost(now, (h.from, h.to.clone()), h.seq, out),
+            None => true,
+        };
         match error {
             ReadError::TooLarge { .. } => counted.oversized = 1,
             ReadError::Malformed { .. } => counted.malformed = 1,
-            _ => counted.lost = 1,
-        }
-        if let Some(h) = error.header() {
-            self.lost(now, (h.from, h.to.clone()), h.seq, out);
+            // A stream reset by its sender: lost, unless its lost notice was counted already.
+            _ => counted.lost = u64::from(news),
         }
         counted
     }
