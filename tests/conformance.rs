@@ -50,6 +50,7 @@ macro_rules! matrix {
             case!(unannounced_capability_frame_closes_only_that_link);
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
+            case!(a_cancelled_send_is_lost_not_malformed);
         }
     };
 }

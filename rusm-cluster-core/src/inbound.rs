@@ -246,10 +246,7 @@ impl<M: InboundMessage> Inbound<M> {
     pub fn on_message(&mut self, now: Instant, msg: M, out: &mut Vec<M>) -> Counted {
         let h = msg.header();
         let (key, seq, charge) = ((h.from, h.to.clone()), h.seq, msg.charge());
-        if !self.retired_ids.is_empty()
-            && key.0.is_some_and(|from| self.retired_ids.contains(&from))
-            && !self.reorder.knows(&key)
-        {
+        if self.is_forgotten(&key) {
             // A straggler of a pair already forgotten: its number was given up.
             return Counted {
                 lost: 1,
@@ -290,9 +287,11 @@ impl<M: InboundMessage> Inbound<M> {
     /// header had arrived.
     pub fn on_read_error(&mut self, now: Instant, error: &ReadError, out: &mut Vec<M>) -> Counted {
         let mut counted = Counted::default();
+        // A stream that failed before its header arrived says nothing of which message it was:
+        // that message is counted by its sender's lost notice, or as a gap if the link goes down.
         let news = match error.header() {
             Some(h) => self.lost(now, (h.from, h.to.clone()), h.seq, out),
-            None => true,
+            None => false,
         };
         match error {
             ReadError::TooLarge { .. } => counted.oversized = 1,
@@ -321,6 +320,10 @@ impl<M: InboundMessage> Inbound<M> {
     }
 
     fn lost(&mut self, now: Instant, key: PairKey, seq: u64, out: &mut Vec<M>) -> bool {
+        if self.is_forgotten(&key) {
+            // Its pair was retired and forgotten: this number was accounted for already.
+            return false;
+        }
         let before = out.len();
         let ahead = !self.reorder.is_next(&key, seq);
         let news = self.reorder.on_lost(&key, seq, out);
@@ -339,6 +342,14 @@ impl<M: InboundMessage> Inbound<M> {
         self.held_bytes = self.held_bytes.saturating_sub(released);
         self.track_gap(now, key);
         true
+    }
+
+    /// Whether `key` is a pair of an exited sender that was forgotten (a straggler of it must
+    /// not start the pair afresh).
+    fn is_forgotten(&self, key: &PairKey) -> bool {
+        !self.retired_ids.is_empty()
+            && key.0.is_some_and(|from| self.retired_ids.contains(&from))
+            && !self.reorder.knows(key)
     }
 
     /// A pair was created: the peer is cut off past [`InboundConfig::max_pairs`].
@@ -586,7 +597,10 @@ mod tests {
         assert_eq!(m.assess(&header(1, 11, 10)), (10 + MESSAGE_OVERHEAD, false));
         // Once number 11 is held, the window spans 1..=11: numbers within it add no slots.
         m.on_message(Instant::now(), Msg(header(1, 11, 10)), &mut Vec::new());
-        assert_eq!(m.assess(&header(2, 11, 10)).0, 10 + MESSAGE_OVERHEAD + 11 * SLOT_COST);
+        assert_eq!(
+            m.assess(&header(2, 11, 10)).0,
+            10 + MESSAGE_OVERHEAD + 11 * SLOT_COST
+        );
         assert_eq!(m.assess(&header(1, 5, 10)).0, 10 + MESSAGE_OVERHEAD);
         assert_eq!(
             m.assess(&header(1, 13, 10)).0,
@@ -736,6 +750,17 @@ mod tests {
         assert_eq!(m.pairs(), 0);
         // A straggler of a forgotten pair is dropped and counted, not started afresh.
         assert_eq!(m.on_message(t0, msg(7, 1), &mut out).lost, 1);
+        assert_eq!(m.pairs(), 0);
+        // A notice or a failed stream of a forgotten pair was accounted for already.
+        let reset = ReadError::Transport {
+            header: Some(header(8, 1, 100)),
+            error: crate::transport::TransportError::StreamReset { code: 3 },
+        };
+        assert_eq!(m.on_read_error(t0, &reset, &mut out), Counted::default());
+        assert_eq!(
+            m.on_lost_notice(t0, Some(9), Dest::Name("db".into()), 1, &mut out),
+            Counted::default()
+        );
         assert_eq!(m.pairs(), 0);
         // The memory of exited senders lasts a gap timeout.
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(30)));

@@ -76,3 +76,68 @@ pub async fn exited_processes_leave_no_pair_state<T: Transport>() {
     wait_until(|| pairs_in(&london) == 0).await;
     assert_eq!(london.stats().lost_messages, 0);
 }
+
+/// A send dropped mid-write resets its stream: the receiver counts the message lost (once, with
+/// its sender's lost notice), never malformed, and the pair's next message is not held back.
+pub async fn a_cancelled_send_is_lost_not_malformed<T: Transport>() {
+    use rusm_cluster::NodeConfig;
+    let ca = ClusterCa::generate("test").unwrap();
+    let mut config = NodeConfig::default();
+    config.link_budget_bytes = 1 << 20;
+    let london = NodeBuilder::<T>::new("london")
+        .identity(ca.issue("london").unwrap())
+        .trust(ca.trust())
+        .config(config)
+        .start()
+        .await
+        .unwrap();
+    let paris = node::<T>(&ca, "paris").await;
+    paris.connect("london", london.local_addr()).await.unwrap();
+    // A process that reads nothing until told to, so the link budget stays spent.
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, mut inbox) = mpsc::unbounded_channel();
+    let slow = london.spawn(move |mut ctx| async move {
+        let _ = go_rx.await;
+        while let Some(m) = ctx.recv().await {
+            if tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    london.register("slow", &slow).unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    paris.spawn(move |ctx| async move {
+        ctx.send("london", "slow", Bytes::from(vec![1u8; 900 << 10]))
+            .await
+            .unwrap();
+        // The receiver cannot take this one while its budget is spent: on a stack that holds
+        // writes to flow control (quinn) the write stalls, and the send is dropped half-way. A
+        // stack that buffers the whole write (s2n, mem) finishes the send instead.
+        let big = ctx.send("london", "slow", Bytes::from(vec![2u8; 6 << 20]));
+        let cancelled = tokio::time::timeout(Duration::from_millis(500), big)
+            .await
+            .is_err();
+        ctx.send("london", "slow", Bytes::from_static(b"after"))
+            .await
+            .unwrap();
+        let _ = done_tx.send(cancelled);
+    });
+    let cancelled = within(done_rx).await.unwrap();
+    go_tx.send(()).unwrap();
+    assert_eq!(recv(&mut inbox).await.payload().len(), 900 << 10);
+    if !cancelled {
+        // Not cancelled after all: it must arrive whole, in order.
+        assert_eq!(recv(&mut inbox).await.payload().len(), 6 << 20);
+    }
+    assert_eq!(
+        recv(&mut inbox).await.payload(),
+        &Bytes::from_static(b"after"),
+        "the pair's next message is not held back"
+    );
+    let lost = u64::from(cancelled);
+    wait_until(|| london.stats().lost_messages == lost).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = london.stats();
+    assert_eq!(stats.malformed_messages, 0, "{stats:?}");
+    assert_eq!(stats.lost_messages, lost, "counted once: {stats:?}");
+}

@@ -15,8 +15,6 @@ pub(super) struct Reading<R> {
     pub(super) asm: MessageAssembler,
     /// The credit granted to the message being received, and what it was charged.
     pub(super) credit: Option<(LinkCredit, usize)>,
-    /// While parked: the credit its next message needs, and the ceiling it may fill up to.
-    pub(super) wants: (usize, usize),
 }
 
 /// A message read whole, with the bytes of the link budget it holds until its receiver drops
@@ -59,6 +57,19 @@ pub(super) struct Reader {
 }
 
 impl Reader {
+    /// What a message with this header is charged, and the ceiling of the budget it may fill
+    /// up to: the reserve when it fills a gap. Asked afresh each time, since a message parked
+    /// as an ordinary one may since have become the one a pair waits for.
+    pub(super) fn wants(&self, header: &EnvelopeHeader) -> (usize, usize) {
+        let (cost, fills_gap) = self.machine.assess(header);
+        let ceiling = if fills_gap {
+            self.reserve_ceiling
+        } else {
+            self.budget.limit()
+        };
+        (cost, ceiling)
+    }
+
     pub(super) fn count(&mut self, c: Counted) {
         self.counted.lost += c.lost;
         self.counted.oversized += c.oversized;
@@ -80,14 +91,8 @@ impl Reader {
         loop {
             let pushed = if rd.asm.is_awaiting_credit() {
                 let header = rd.asm.header().expect("credit is awaited after a header");
-                let (cost, fills_gap) = self.machine.assess(header);
-                let ceiling = if fills_gap {
-                    self.reserve_ceiling
-                } else {
-                    self.budget.limit()
-                };
+                let (cost, ceiling) = self.wants(header);
                 let Some(credit) = self.budget.try_take_within(cost, ceiling) else {
-                    rd.wants = (cost, ceiling);
                     return Step::Parked(rd);
                 };
                 self.machine.on_credit(cost);
@@ -235,7 +240,10 @@ pub(super) async fn read_loop<C: Connection>(
         }
         let deadline = reader.machine.poll_timeout();
         // What the oldest parked stream waits for.
-        let wants = parked.front().map_or((0, 0), |rd| rd.wants);
+        let wants = parked
+            .front()
+            .and_then(|rd| rd.asm.header())
+            .map_or((0, 0), |h| reader.wants(h));
         let timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -254,7 +262,6 @@ pub(super) async fn read_loop<C: Connection>(
                         stream,
                         asm: MessageAssembler::new(reader.limits),
                         credit: None,
-                        wants: (0, 0),
                     };
                     reader.advance(rd, None, Instant::now(), &mut out)
                 }
