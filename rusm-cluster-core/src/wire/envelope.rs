@@ -303,7 +303,9 @@ impl MessageAssembler {
 
     /// Bytes of a chunk kept while a message waits for credit.
     pub fn stashed_len(&self) -> usize {
-        self.stash.as_ref().map_or(0, |(chunk, pos)| chunk.len() - pos)
+        self.stash
+            .as_ref()
+            .map_or(0, |(chunk, pos)| chunk.len() - pos)
     }
 
     /// Whether a header was read and its message waits for [`grant`](Self::grant).
