@@ -226,8 +226,8 @@ impl<M: InboundMessage> Inbound<M> {
         self.open += 1;
     }
 
-    /// A message stream was read to its end (or failed); see [`on_read_error`]
-    /// (Self::on_read_error) for the latter.
+    /// A message stream was read to its end (or failed; see
+    /// [`on_read_error`](Self::on_read_error) for the latter).
     pub fn on_stream_closed(&mut self) {
         self.open = self.open.saturating_sub(1);
     }

@@ -1,51 +1,50 @@
-//! Capabilities: protocols that ride on the control stream of every link — the global
-//! registry, request/reply, monitors and attach are built this way. A capability has a name,
-//! which the node announces in its hello and welcome; a link uses the capabilities both of its
-//! ends announced (see [`rusm_cluster_core::router`]), so a node with a new capability still
-//! links with an older one. The node routes each capability frame that arrives to its
-//! capability, and tells the capability when a link that uses it goes up or down. A frame for a
-//! capability the link does not use closes that link with
-//! [`DownReason::CapabilityRefused`](crate::DownReason::CapabilityRefused).
-//!
-//! ```
-//! use bytes::Bytes;
-//! use rusm_cluster::{Capability, ClusterCa, Node, NodeName};
-//! use tokio::sync::mpsc;
-//!
-//! /// Hands every frame of capability "echo" to a channel.
-//! struct Echo(mpsc::UnboundedSender<(String, Bytes)>);
-//!
-//! impl Capability for Echo {
-//!     fn name(&self) -> &str {
-//!         "echo"
-//!     }
-//!     fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) {
-//!         let _ = self.0.send((peer.to_string(), body));
-//!     }
-//! }
-//!
-//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let ca = ClusterCa::generate("demo")?;
-//! let (tx, mut rx) = mpsc::unbounded_channel();
-//! let london = Node::builder("london").identity(ca.issue("london")?).trust(ca.trust())
-//!     .capability(Echo(tx)).start().await?;
-//! let (unused, _) = mpsc::unbounded_channel();
-//! let paris = Node::builder("paris").identity(ca.issue("paris")?).trust(ca.trust())
-//!     .capability(Echo(unused)).start().await?;
-//! paris.connect("london", london.local_addr()).await?;
-//! paris.send_frame("london", "echo", Bytes::from_static(b"ping"))?;
-//! assert_eq!(rx.recv().await, Some(("paris".to_string(), Bytes::from_static(b"ping"))));
-//! # paris.shutdown().await; london.shutdown().await;
-//! # Ok(()) }
-//! ```
+//! Capabilities: protocols on the control stream of every link (see [`Capability`]).
 
 use bytes::Bytes;
 use rusm_cluster_core::identity::NodeName;
 
 use crate::node::Node;
 
-/// A protocol carried on the control stream of every link whose two ends have it (see the
-/// [module docs](self)).
+/// Capabilities: protocols that ride on the control stream of every link — the global
+/// registry, request/reply, monitors and attach are built this way. A capability has a name,
+/// which the node announces in its hello and welcome; a link uses the capabilities both of its
+/// ends announced (see [`rusm_cluster_core::router`]), so a node with a new capability still
+/// links with an older one. The node routes each capability frame that arrives to its
+/// capability, and tells the capability when a link that uses it goes up or down. A frame for a
+/// capability the link does not use closes that link with
+/// [`DownReason::CapabilityRefused`](crate::DownReason::CapabilityRefused).
+///
+/// ```
+/// use bytes::Bytes;
+/// use rusm_cluster::{Capability, ClusterCa, Node, NodeName};
+/// use tokio::sync::mpsc;
+///
+/// /// Hands every frame of capability "echo" to a channel.
+/// struct Echo(mpsc::UnboundedSender<(String, Bytes)>);
+///
+/// impl Capability for Echo {
+///     fn name(&self) -> &str {
+///         "echo"
+///     }
+///     fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) {
+///         let _ = self.0.send((peer.to_string(), body));
+///     }
+/// }
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let ca = ClusterCa::generate("demo")?;
+/// let (tx, mut rx) = mpsc::unbounded_channel();
+/// let london = Node::builder("london").identity(ca.issue("london")?).trust(ca.trust())
+///     .capability(Echo(tx)).start().await?;
+/// let (unused, _) = mpsc::unbounded_channel();
+/// let paris = Node::builder("paris").identity(ca.issue("paris")?).trust(ca.trust())
+///     .capability(Echo(unused)).start().await?;
+/// paris.connect("london", london.local_addr()).await?;
+/// paris.send_frame("london", "echo", Bytes::from_static(b"ping"))?;
+/// assert_eq!(rx.recv().await, Some(("paris".to_string(), Bytes::from_static(b"ping"))));
+/// # paris.shutdown().await; london.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub trait Capability: Send + Sync + 'static {
     /// The name announced in hellos; frames of this name are routed here.
     fn name(&self) -> &str;

@@ -14,8 +14,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster::core::transport::{Connection, SendStream, Transport};
 use rusm_cluster::core::wire::{encode_header, Dest, EnvelopeHeader};
 use rusm_cluster::{
-    ClusterCa, DownReason, InboundClose, InboundConfig, Node, NodeBuilder, NodeConfig, NodeEvent,
+    ClusterCa, DownReason, InboundClose, InboundConfig, Node, NodeConfig, NodeEvent,
 };
+use rusm_testkit::start_node;
 
 use super::*;
 
@@ -48,6 +49,23 @@ fn watch_rss() -> (Arc<AtomicUsize>, Arc<AtomicBool>) {
     (peak, stop)
 }
 
+/// Resident memory peaked within twice the budget plus [`MARGIN`] above `base` (and says by
+/// how much, for the record).
+fn assert_grew_within_bounds<T: Transport>(peak: &AtomicUsize, base: usize) {
+    let grown = peak.load(Ordering::Relaxed).saturating_sub(base);
+    eprintln!(
+        "{}: resident memory grew by {:.1} MiB at peak",
+        T::NAME,
+        grown as f64 / f64::from(1 << 20)
+    );
+    assert!(
+        grown < 2 * BUDGET + MARGIN,
+        "resident memory grew by {} MiB (budget {} MiB)",
+        grown >> 20,
+        BUDGET >> 20
+    );
+}
+
 /// `london` with a small budget and windows, `paris` linked to it with an `inbox` on london,
 /// and mallory linked by hand.
 async fn attacked<T: Transport>(
@@ -60,13 +78,7 @@ async fn attacked<T: Transport>(
     config.limits.max_message_size = 1 << 20;
     config.tuning.stream_receive_window = 1 << 20;
     config.tuning.connection_receive_window = 4 << 20;
-    let london = NodeBuilder::<T>::new("london")
-        .identity(ca.issue("london").unwrap())
-        .trust(ca.trust())
-        .config(config)
-        .start()
-        .await
-        .unwrap();
+    let london = start_node::<T>(&ca, "london", config).await.unwrap();
     let paris = node::<T>(&ca, "paris").await;
     paris.connect("london", london.local_addr()).await.unwrap();
     let (p, inbox) = collector(&london);
@@ -183,18 +195,7 @@ pub async fn withheld_first_message_cannot_grow_memory<T: Transport>() {
         sent < 1_000_000,
         "flow control stopped the flood ({sent} messages written)"
     );
-    let grown = peak.load(Ordering::Relaxed).saturating_sub(base);
-    eprintln!(
-        "{}: resident memory grew by {:.1} MiB at peak",
-        T::NAME,
-        grown as f64 / f64::from(1 << 20)
-    );
-    assert!(
-        grown < 2 * BUDGET + MARGIN,
-        "resident memory grew by {} MiB (budget {} MiB)",
-        grown >> 20,
-        BUDGET >> 20
-    );
+    assert_grew_within_bounds::<T>(&peak, base);
 }
 
 /// A peer opens 4,096 streams that each announce a maximum-size message and send half of it,
@@ -240,16 +241,5 @@ pub async fn unfinished_large_messages_cannot_grow_memory<T: Transport>() {
     );
     assert_eq!(london.stats().stalled_links, 1);
     flood.abort();
-    let grown = peak.load(Ordering::Relaxed).saturating_sub(base);
-    eprintln!(
-        "{}: resident memory grew by {:.1} MiB at peak",
-        T::NAME,
-        grown as f64 / f64::from(1 << 20)
-    );
-    assert!(
-        grown < 2 * BUDGET + MARGIN,
-        "resident memory grew by {} MiB (budget {} MiB)",
-        grown >> 20,
-        BUDGET >> 20
-    );
+    assert_grew_within_bounds::<T>(&peak, base);
 }

@@ -84,11 +84,7 @@ pub async fn a_cancelled_send_is_lost_not_malformed<T: Transport>() {
     let ca = ClusterCa::generate("test").unwrap();
     let mut config = NodeConfig::default();
     config.link_budget_bytes = 1 << 20;
-    let london = NodeBuilder::<T>::new("london")
-        .identity(ca.issue("london").unwrap())
-        .trust(ca.trust())
-        .config(config)
-        .start()
+    let london = rusm_testkit::start_node::<T>(&ca, "london", config)
         .await
         .unwrap();
     let paris = node::<T>(&ca, "paris").await;
