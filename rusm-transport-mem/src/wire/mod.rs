@@ -342,8 +342,12 @@ pub(crate) async fn drive(conn: Arc<ConnInner>) {
     let mut link = conn.link.subscribe();
     loop {
         let wake_at = {
-            let state = *link.borrow_and_update();
+            // The link's state is read under the wire's lock, never before it: a state read
+            // earlier may be stale by the time the lock is taken (a cut made meanwhile, and
+            // traffic sent after it that `settle` rightly held back), and pumping with it would
+            // let that traffic cross the cut.
             let mut w = conn.lock();
+            let state = *link.borrow_and_update();
             let now = Instant::now();
             w.pump_in(&state);
             let idle = w.idle_deadline(&state);
