@@ -421,6 +421,12 @@ impl<M: InboundMessage> Inbound<M> {
         }
     }
 
+    /// Whether the stall clock runs (see [`on_budget`](Self::on_budget)): the runtime need
+    /// only report the budget while reading waits for credit or while this holds.
+    pub fn is_stalling(&self) -> bool {
+        self.starved_since.is_some()
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let gap = self
@@ -651,6 +657,7 @@ mod tests {
             m.on_credit(8 << 20);
         }
         m.on_budget(t0, true, 32 << 20);
+        assert!(m.is_stalling());
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
         assert!(m.handle_timeout(t0 + Duration::from_secs(9)).is_none());
         assert!(matches!(

@@ -323,7 +323,9 @@ pub(super) async fn read_loop<C: Connection>(
                 parked.push_back(rd);
             }
         }
-        if !parked.is_empty() || reader.machine.poll_timeout().is_some() {
+        // Only while reading waits for credit, or to stop a running stall clock: the gap
+        // table is not walked a second time per turn.
+        if !parked.is_empty() || reader.machine.is_stalling() {
             reader
                 .machine
                 .on_budget(Instant::now(), !parked.is_empty(), reader.budget.used());
