@@ -168,7 +168,11 @@ impl Wire {
         }
         h.reset = true;
         let final_size = h.written;
-        // Data not yet sent is not sent.
+        self.send_reset(side, id, code, final_size);
+    }
+
+    /// Sends RESET_STREAM for a half just marked reset; data not yet sent is not sent.
+    fn send_reset(&mut self, side: usize, id: u64, code: u64, final_size: u64) {
         self.pacers[side].purge(id);
         self.send(
             side,
@@ -457,15 +461,7 @@ impl Wire {
                 if !h.reset && !h.acked {
                     h.reset = true;
                     let final_size = h.written;
-                    self.pacers[side].purge(id);
-                    self.send(
-                        side,
-                        Event::Reset {
-                            id,
-                            code,
-                            final_size,
-                        },
-                    );
+                    self.send_reset(side, id, code, final_size);
                 }
             }
             Event::MaxStreamData { id, max } => {
