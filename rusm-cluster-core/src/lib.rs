@@ -11,6 +11,7 @@
 //! - [`router`]: capabilities negotiated per link and the one router of their control frames
 //!   (sans-IO).
 //! - [`outbound`]: per-pair numbering of the messages a link sends (sans-IO).
+//! - [`registry`]: the global registry: claims, conflicts and their gossip (sans-IO).
 //! - [`order`]: per-pair message ordering over independent streams (sans-IO).
 
 pub mod identity;
@@ -18,6 +19,7 @@ pub mod inbound;
 pub mod link;
 pub mod order;
 pub mod outbound;
+pub mod registry;
 pub mod router;
 pub mod tls;
 pub mod transport;
