@@ -48,6 +48,13 @@ macro_rules! matrix {
             case!(shared_and_ca_identities_do_not_mix);
             case!(capability_frames_reach_only_links_that_negotiated_them);
             case!(unannounced_capability_frame_closes_only_that_link);
+            case!(a_frame_the_capability_refuses_closes_only_that_link);
+            case!(five_nodes_joined_through_one_form_a_full_mesh);
+            case!(global_names_register_route_and_unregister);
+            case!(a_global_name_goes_when_its_process_exits);
+            case!(a_global_name_goes_with_its_node);
+            case!(a_blocked_peer_stays_cut);
+            case!(a_partition_heals_to_one_owner_and_the_loser_is_told);
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);

@@ -59,6 +59,8 @@ pub struct LinkTable {
     pub dialling: bool,
     /// This node is shutting down.
     pub shutting_down: bool,
+    /// This node keeps that peer cut off.
+    pub blocked: bool,
 }
 
 /// What the dialler makes of the listener's answer to its hello.
@@ -168,6 +170,9 @@ impl LocalIntro {
 pub fn admit(local: &NodeName, peer: &NodeName, table: LinkTable) -> Result<(), RejectReason> {
     if table.shutting_down {
         return Err(RejectReason::ShuttingDown);
+    }
+    if table.blocked {
+        return Err(RejectReason::Blocked);
     }
     if table.linked || (table.dialling && own_dial_wins(local, peer)) {
         return Err(RejectReason::DuplicateLink);
@@ -416,6 +421,11 @@ mod tests {
             ..free
         };
         assert_eq!(admit(&a, &b, closing), Err(RejectReason::ShuttingDown));
+        let blocked = LinkTable {
+            blocked: true,
+            ..free
+        };
+        assert_eq!(admit(&a, &b, blocked), Err(RejectReason::Blocked));
     }
 
     #[test]

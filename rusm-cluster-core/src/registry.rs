@@ -87,6 +87,16 @@ pub enum Op {
     },
 }
 
+/// Encodes an update as a capability frame's body (MessagePack).
+pub fn encode_update(update: &Update) -> bytes::Bytes {
+    bytes::Bytes::from(rmp_serde::to_vec(update).expect("an update always encodes"))
+}
+
+/// Decodes a capability frame's body. Never panics on any input.
+pub fn decode_update(body: &[u8]) -> Result<Update, String> {
+    rmp_serde::from_slice(body).map_err(|e| format!("malformed update: {e}"))
+}
+
 /// A registration as the node sees it: who owns the name, and the claim's place in the
 /// conflict order (fields compared in declaration order: least wins).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

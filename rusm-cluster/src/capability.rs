@@ -26,8 +26,9 @@ use crate::node::Node;
 ///     fn name(&self) -> &str {
 ///         "echo"
 ///     }
-///     fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) {
+///     fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) -> Result<(), String> {
 ///         let _ = self.0.send((peer.to_string(), body));
+///         Ok(())
 ///     }
 /// }
 ///
@@ -54,12 +55,16 @@ pub trait Capability: Send + Sync + 'static {
         let _ = (node, peer);
     }
 
-    /// The link to `peer` that used this capability went down.
+    /// The link to `peer` that used this capability went down. Always heard before a new link
+    /// to the same peer is announced with [`Capability::on_link_up`].
     fn on_link_down(&self, node: &Node, peer: &NodeName) {
         let _ = (node, peer);
     }
 
     /// A frame of this capability arrived from `peer`. Runs on the link's control task, in
-    /// the order the frames were sent: hand long work to a task of your own.
-    fn on_frame(&self, node: &Node, peer: &NodeName, body: Bytes);
+    /// the order the frames were sent: hand long work to a task of your own. An error (a frame
+    /// that breaks the capability's protocol) closes the link with
+    /// [`DownReason::ProtocolViolation`](crate::DownReason::ProtocolViolation) naming the
+    /// capability and the error, counted in `malformed_frames`.
+    fn on_frame(&self, node: &Node, peer: &NodeName, body: Bytes) -> Result<(), String>;
 }

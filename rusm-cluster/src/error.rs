@@ -34,6 +34,23 @@ pub enum Error {
         /// Its current owner.
         pid: Pid,
     },
+    /// The global name is held by a process on another node (only its owner's node may
+    /// unregister it).
+    #[error("global name {name:?} belongs to {owner}, on another node")]
+    NotOwner {
+        /// The name.
+        name: String,
+        /// Its owner.
+        owner: Pid,
+    },
+    /// A global name that is empty or over the registry's length limit.
+    #[error("global name of {len} bytes refused (1 to {max} bytes)")]
+    BadName {
+        /// The name's length.
+        len: usize,
+        /// The longest name allowed.
+        max: usize,
+    },
     /// The process does not exist (it exited, or the pid is from an earlier incarnation of its
     /// node).
     #[error("no such process {pid}")]

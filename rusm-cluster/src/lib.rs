@@ -51,9 +51,11 @@
 mod capability;
 mod error;
 mod link;
+mod mesh;
 mod node;
 mod pid;
 mod process;
+mod registry;
 mod stats;
 
 pub use capability::Capability;
@@ -62,7 +64,7 @@ pub use error::{Error, SendError};
 pub use node::DefaultTransport;
 pub use node::{Coalescing, DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
 pub use pid::Pid;
-pub use process::{Message, Process};
+pub use process::{Message, Notice, Process};
 pub use rusm_cluster_core::identity::{
     ClusterCa, Identity, IdentityKind, NodeName, Serial, TrustAnchor,
 };

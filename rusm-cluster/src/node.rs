@@ -16,17 +16,20 @@ use bytes::Bytes;
 use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor};
 use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
 use rusm_cluster_core::link::LocalIntro;
+use rusm_cluster_core::registry::RegisterError;
 use rusm_cluster_core::router::{RouteError, Router};
 use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
-use rusm_cluster_core::wire::{Dest, Frame, Limits};
+use rusm_cluster_core::wire::{Dest, Frame, Limits, RejectReason};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::capability::Capability;
 use crate::error::{Error, SendError};
 use crate::link::{self, Dialled, LinkHandle};
+use crate::mesh::{Mesh, MeshCapability};
 use crate::pid::Pid;
 use crate::process::{Mailbox, Process};
+use crate::registry::GlobalRegistry;
 use crate::stats::{NodeStats, Stats};
 
 /// The backend `Node::builder` uses, chosen by cargo feature: quinn when the `quinn` feature
@@ -259,6 +262,8 @@ pub(crate) struct ProcessSlot {
 pub(crate) struct Links {
     pub(crate) up: HashMap<NodeName, Arc<LinkHandle>, foldhash::fast::RandomState>,
     pub(crate) dialling: HashSet<NodeName>,
+    /// Peers this node keeps cut off ([`Node::block`]).
+    pub(crate) blocked: HashSet<NodeName>,
     pub(crate) shut_down: bool,
 }
 
@@ -282,6 +287,8 @@ pub(crate) struct NodeInner {
     pub(crate) links_changed: tokio::sync::Notify,
     /// What the node says of itself in hellos and welcomes.
     pub(crate) intro: LocalIntro,
+    /// The global registry (also in the router, as the `registry` capability).
+    pub(crate) registry: Arc<GlobalRegistry>,
 }
 
 /// A running node. Cheap to clone (all clones are the same node).
@@ -445,11 +452,23 @@ impl<T: Transport> NodeBuilder<T> {
                 ))
             }
         };
-        let mut router = Router::new();
+        let creation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let registry = Arc::new(GlobalRegistry::new(name.clone(), creation));
+        let mut router: Router<Arc<dyn Capability>> = Router::new();
+        router.register(rusm_cluster_core::registry::CAPABILITY, registry.clone());
+        router.register(
+            crate::mesh::CAPABILITY,
+            Arc::new(MeshCapability(Arc::new(Mesh::new()))),
+        );
         for capability in self.capabilities {
             let name = capability.name().to_string();
             if !router.register(&name, capability) {
-                return Err(Error::Config(format!("capability {name:?} added twice")));
+                return Err(Error::Config(format!(
+                    "capability {name:?} added twice (\"registry\" and \"mesh\" are the node's own)"
+                )));
             }
         }
         let transport = Arc::new(T::bind(EndpointConfig {
@@ -459,10 +478,6 @@ impl<T: Transport> NodeBuilder<T> {
             tuning: self.config.tuning.clone(),
         })?);
         let local_addr = transport.local_addr()?;
-        let creation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1);
         let (events, _) = broadcast::channel(256);
         let intro = LocalIntro {
             name: name.clone(),
@@ -491,6 +506,7 @@ impl<T: Transport> NodeBuilder<T> {
                 router,
                 links_changed: tokio::sync::Notify::new(),
                 intro,
+                registry,
             }),
         };
         tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
@@ -502,7 +518,7 @@ impl<T: Transport> NodeBuilder<T> {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|p| p.into_inner())
 }
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -611,6 +627,145 @@ impl Node {
         read(&self.inner.names).keys().cloned().collect()
     }
 
+    /// Registers local process `pid` under the global `name`: every node of the cluster learns
+    /// it (those linked now at once, those that link later when they do), and
+    /// [`send_global`](Self::send_global) on any of them reaches the process. The name is
+    /// released everywhere when the process exits, when [`unregister_global`] is called, or
+    /// (on the other nodes) when this node goes down.
+    ///
+    /// If two processes take one name on two sides of a partition (or on two nodes at the same
+    /// moment), every node settles on the same owner when they meet, without an extra round
+    /// trip: the earliest registration wins (by its owner's hybrid clock; see
+    /// [`core::registry`](crate::core::registry) for the rule and why it is safe). The loser
+    /// gets a [`Notice::NameConflict`](crate::Notice::NameConflict) message and messages to the
+    /// name stop reaching it.
+    ///
+    /// Errors: [`Error::NameTaken`] with the current owner, [`Error::NoProcess`] when `pid` is
+    /// not a live process of this node, [`Error::BadName`].
+    ///
+    /// [`unregister_global`]: Self::unregister_global
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use rusm_cluster::{ClusterCa, Node};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = ClusterCa::generate("demo")?;
+    /// let start = |name: &'static str| {
+    ///     let (id, trust) = (ca.issue(name).unwrap(), ca.trust());
+    ///     async move { Node::builder(name).identity(id).trust(trust).start().await }
+    /// };
+    /// let (london, paris, rome) = (start("london").await?, start("paris").await?, start("rome").await?);
+    /// paris.connect("london", london.local_addr()).await?;
+    /// rome.connect("london", london.local_addr()).await?;   // rome meets paris through london
+    ///
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// let db = london.spawn(|mut ctx| async move {
+    ///     tx.send(ctx.recv().await.unwrap().into_payload()).unwrap();
+    /// });
+    /// london.register_global("db", &db).await?;
+    /// while rome.whereis_global("db").is_none() {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
+    /// assert_eq!(rome.whereis_global("db"), Some(db));
+    /// rome.send_global("db", Bytes::from_static(b"query")).await?;
+    /// assert_eq!(rx.await?, "query");
+    /// # for n in [rome, paris, london] { n.shutdown().await; }
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_global(&self, name: &str, pid: &Pid) -> Result<(), Error> {
+        if !self.is_alive(pid) {
+            return Err(Error::NoProcess { pid: pid.clone() });
+        }
+        match self.inner.registry.register(self, name, pid.id) {
+            Ok(()) => {}
+            Err(RegisterError::Taken(owner)) => {
+                return Err(Error::NameTaken {
+                    name: name.to_string(),
+                    pid: Pid {
+                        node: owner.node,
+                        id: owner.pid,
+                        creation: owner.creation,
+                    },
+                })
+            }
+            Err(RegisterError::BadName(len)) => {
+                let max = rusm_cluster_core::registry::RegistryConfig::default().max_name_len;
+                return Err(Error::BadName { len, max });
+            }
+        }
+        // The process may have exited meanwhile, its exit releasing its names before this one
+        // was taken: release it here then.
+        if !self.is_alive(pid) {
+            let id = pid.id;
+            self.inner
+                .registry
+                .run(self, None, |r, out| r.process_exited(id, out));
+            return Err(Error::NoProcess { pid: pid.clone() });
+        }
+        Ok(())
+    }
+
+    /// Releases global name `name`, held by a process of this node, everywhere; returns that
+    /// process.
+    ///
+    /// Errors: [`Error::NotOwner`] when a process of another node holds it,
+    /// [`Error::NameNotRegistered`] when nobody does.
+    pub async fn unregister_global(&self, name: &str) -> Result<Pid, Error> {
+        let (released, owner) = self
+            .inner
+            .registry
+            .run(self, None, |r, out| {
+                let released = r.unregister(name, out);
+                (released, r.whereis(name).cloned())
+            })
+            .0;
+        if let Some(id) = released {
+            return Ok(self.local_pid(id));
+        }
+        match owner {
+            Some(owner) => Err(Error::NotOwner {
+                name: name.to_string(),
+                owner: Pid {
+                    node: owner.node,
+                    id: owner.pid,
+                    creation: owner.creation,
+                },
+            }),
+            None => Err(Error::NameNotRegistered {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// The process that holds global name `name`, as this node sees it.
+    pub fn whereis_global(&self, name: &str) -> Option<Pid> {
+        self.inner.registry.read(|r| {
+            r.whereis(name).map(|o| Pid {
+                node: o.node.clone(),
+                id: o.pid,
+                creation: o.creation,
+            })
+        })
+    }
+
+    /// Every global name this node knows of, with its owner, sorted by name.
+    pub fn registered_global(&self) -> Vec<(String, Pid)> {
+        self.inner.registry.read(|r| {
+            r.names()
+                .into_iter()
+                .map(|(name, o)| {
+                    let pid = Pid {
+                        node: o.node,
+                        id: o.pid,
+                        creation: o.creation,
+                    };
+                    (name, pid)
+                })
+                .collect()
+        })
+    }
+
     fn local_pid(&self, id: u64) -> Pid {
         Pid {
             node: self.inner.name.clone(),
@@ -637,6 +792,12 @@ impl Node {
             }
             if links.up.contains_key(&peer) {
                 return Ok(());
+            }
+            if links.blocked.contains(&peer) {
+                return Err(Error::Rejected {
+                    node: peer,
+                    reason: RejectReason::Blocked,
+                });
             }
             !links.dialling.insert(peer.clone())
         };
@@ -705,6 +866,39 @@ impl Node {
     /// Cancel safe: if the future is dropped before it returns, the message was not sent.
     pub async fn send(&self, node: &str, name: &str, payload: Bytes) -> Result<(), SendError> {
         self.send_from(None, node, name, payload).await
+    }
+
+    /// Sends `payload` to the process that holds global name `name`, wherever it lives (see
+    /// [`register_global`](Self::register_global)). Per-pair order holds as for
+    /// [`send`](Self::send). The owner's node delivers it only while its claim still wins: a
+    /// message that reaches a node whose process lost the name (or exited) in the meantime is
+    /// counted there as a dead letter, never given to the loser.
+    ///
+    /// Errors (with the payload handed back): [`Error::NameNotRegistered`] when no node this one
+    /// knows holds the name, and those of [`send`](Self::send).
+    pub async fn send_global(&self, name: &str, payload: Bytes) -> Result<(), SendError> {
+        self.send_global_from(None, name, payload).await
+    }
+
+    pub(crate) async fn send_global_from(
+        &self,
+        from: Option<&Pid>,
+        name: &str,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        let Some(owner) = self.whereis_global(name) else {
+            return Err(SendError::new(
+                Error::NameNotRegistered {
+                    name: name.to_string(),
+                },
+                payload,
+            ));
+        };
+        if owner.node == self.inner.name {
+            return self.send_local(from, &owner, payload).await;
+        }
+        self.send_remote(from, &owner.node, Dest::Global(name.to_string()), payload)
+            .await
     }
 
     /// Sends `payload` to `pid`, local or remote. See [`Node::send`].
@@ -870,6 +1064,51 @@ impl Node {
         self.inner.stats.snapshot(processes)
     }
 
+    /// Keeps `peer` cut off, like Erlang's `disconnect_node` with the peer kept out: closes its
+    /// link (with a goodbye), refuses its hellos ([`RejectReason::Blocked`]) and dials it no
+    /// more, whether asked to ([`connect`](Self::connect) fails with `Rejected { reason:
+    /// Blocked }`) or told of it by the mesh, until [`unblock`](Self::unblock). Two groups of
+    /// nodes that block each other form a partition.
+    ///
+    /// Errors: [`Error::Identity`] when `peer` is not a valid node name.
+    pub async fn block(&self, peer: &str) -> Result<(), Error> {
+        let peer = NodeName::new(peer)?;
+        let link = {
+            let mut links = lock(&self.inner.links);
+            links.blocked.insert(peer.clone());
+            links.up.get(&peer).cloned()
+        };
+        if let Some(link) = link {
+            link.goodbye("blocked").await;
+        }
+        Ok(())
+    }
+
+    /// Lets `peer` link again (see [`block`](Self::block)). No link is made by itself: connect
+    /// to it, or let the mesh do so when a member announces it.
+    pub fn unblock(&self, peer: &str) {
+        if let Ok(peer) = NodeName::new(peer) {
+            lock(&self.inner.links).blocked.remove(&peer);
+        }
+    }
+
+    /// The peers this node keeps cut off.
+    pub fn blocked(&self) -> Vec<NodeName> {
+        let mut blocked: Vec<NodeName> = lock(&self.inner.links).blocked.iter().cloned().collect();
+        blocked.sort();
+        blocked
+    }
+
+    /// Whether the mesh should dial `peer`: not linked, not being dialled, not blocked, and the
+    /// node is running.
+    pub(crate) fn should_dial(&self, peer: &NodeName) -> bool {
+        let links = lock(&self.inner.links);
+        !links.shut_down
+            && !links.up.contains_key(peer)
+            && !links.dialling.contains(peer)
+            && !links.blocked.contains(peer)
+    }
+
     /// Closes `peer`'s link with a goodbye; no error if there is none.
     pub async fn disconnect(&self, peer: &str) {
         let link = NodeName::new(peer)
@@ -916,6 +1155,15 @@ impl Drop for ExitGuard {
         if let Some(node) = self.node.upgrade() {
             write(&node.processes).remove(&self.id);
             write(&node.names).retain(|_, id| *id != self.id);
+            // Its global names are released everywhere.
+            let id = self.id;
+            node.registry.run(
+                &Node {
+                    inner: node.clone(),
+                },
+                None,
+                |r, out| r.process_exited(id, out),
+            );
             // Its pairs end here: peers forget their order state for them.
             let links: Vec<Arc<LinkHandle>> = lock(&node.links).up.values().cloned().collect();
             for link in links {

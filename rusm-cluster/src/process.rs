@@ -19,7 +19,25 @@ use crate::pid::Pid;
 pub struct Message {
     from: Option<Pid>,
     payload: Bytes,
+    /// Boxed: notices are rare, and messages stay small.
+    notice: Option<Box<Notice>>,
     _credit: Option<Credit>,
+}
+
+/// A notice the node itself puts in a process's mailbox (see [`Message::notice`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// The process lost global name `name` to a claim made elsewhere (two sides of a partition
+    /// registered it, or two nodes at the same moment): the name now belongs to `winner`, and
+    /// messages sent to the name no longer reach this process. See
+    /// [`Node::register_global`](crate::Node::register_global).
+    NameConflict {
+        /// The name lost.
+        name: String,
+        /// The process that holds it now.
+        winner: Pid,
+    },
 }
 
 impl Message {
@@ -27,8 +45,37 @@ impl Message {
         Message {
             from,
             payload,
+            notice: None,
             _credit: credit,
         }
+    }
+
+    pub(crate) fn notice_of(notice: Notice) -> Self {
+        Message {
+            from: None,
+            payload: Bytes::new(),
+            notice: Some(Box::new(notice)),
+            _credit: None,
+        }
+    }
+
+    /// The node's notice, when this is one rather than a message from a sender (its payload is
+    /// then empty and [`from`](Self::from) is `None`).
+    ///
+    /// ```
+    /// # use rusm_cluster::{Message, Notice};
+    /// fn handle(msg: Message) {
+    ///     match msg.notice() {
+    ///         Some(Notice::NameConflict { name, winner }) => {
+    ///             eprintln!("lost {name} to {winner}");
+    ///         }
+    ///         Some(_) => {}
+    ///         None => { /* an ordinary message */ }
+    ///     }
+    /// }
+    /// ```
+    pub fn notice(&self) -> Option<&Notice> {
+        self.notice.as_deref()
     }
 
     /// The sending process, when the message was sent from one.
@@ -231,6 +278,14 @@ impl Process {
     pub async fn send(&self, node: &str, name: &str, payload: Bytes) -> Result<(), SendError> {
         self.node
             .send_from(Some(&self.pid), node, name, payload)
+            .await
+    }
+
+    /// Sends `payload` to the holder of global name `name`, from this process. See
+    /// [`Node::send_global`].
+    pub async fn send_global(&self, name: &str, payload: Bytes) -> Result<(), SendError> {
+        self.node
+            .send_global_from(Some(&self.pid), name, payload)
             .await
     }
 

@@ -65,4 +65,9 @@ counters! {
     /// messages for the stall timeout, or flooded lost notices
     /// ([`InboundClose::Stalled`](crate::InboundClose), `TooManyLosses`).
     stalled_links,
+    /// Global names a local process lost to a winning claim made elsewhere (each told with
+    /// [`Notice::NameConflict`](crate::Notice::NameConflict)).
+    global_name_conflicts,
+    /// Dials to cluster members learned from peers (the mesh) that failed for good.
+    mesh_dial_failures,
 }

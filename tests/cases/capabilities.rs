@@ -30,8 +30,12 @@ impl Capability for Echo {
     fn on_link_down(&self, _node: &Node, peer: &NodeName) {
         let _ = self.0.send(Seen::Down(peer.to_string()));
     }
-    fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) {
+    fn on_frame(&self, _node: &Node, peer: &NodeName, body: Bytes) -> Result<(), String> {
+        if body.as_ref() == b"refuse me" {
+            return Err("the echo protocol has no such frame".into());
+        }
         let _ = self.0.send(Seen::Frame(peer.to_string(), body));
+        Ok(())
     }
 }
 
@@ -67,9 +71,10 @@ pub async fn capability_frames_reach_only_links_that_negotiated_them<T: Transpor
     assert_eq!(seen(&mut at_paris).await, Seen::Up("london".into()));
     let peers = london.peers();
     assert_eq!(peers[0].name.as_str(), "paris");
-    assert_eq!(peers[0].capabilities, ["echo"]);
+    assert_eq!(peers[0].capabilities, ["echo", "mesh", "registry"]);
     assert_eq!(peers[1].name.as_str(), "rome");
-    assert!(peers[1].capabilities.is_empty());
+    // Rome has the node's own capabilities only.
+    assert_eq!(peers[1].capabilities, ["mesh", "registry"]);
 
     // Frames of the capability travel in order, both ways.
     for i in 0..3u8 {
@@ -143,4 +148,38 @@ pub async fn unannounced_capability_frame_closes_only_that_link<T: Transport>() 
         seen(&mut at_london).await,
         Seen::Frame("paris".into(), Bytes::from_static(b"fine"))
     );
+}
+
+pub async fn a_frame_the_capability_refuses_closes_only_that_link<T: Transport>() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let (london, mut at_london) = echo_node::<T>(&ca, "london").await;
+    let (paris, _at_paris) = echo_node::<T>(&ca, "paris").await;
+    let (rome, _at_rome) = echo_node::<T>(&ca, "rome").await;
+    paris.connect("london", london.local_addr()).await.unwrap();
+    rome.connect("london", london.local_addr()).await.unwrap();
+    wait_until(|| london.peers().len() == 2).await;
+    let mut events = london.subscribe();
+    paris
+        .send_frame("london", "echo", Bytes::from_static(b"refuse me"))
+        .unwrap();
+    let NodeEvent::NodeDown { node, reason } = next_down(&mut events).await else {
+        unreachable!()
+    };
+    assert_eq!(node.as_str(), "paris");
+    assert_eq!(
+        reason,
+        DownReason::ProtocolViolation("echo: the echo protocol has no such frame".into())
+    );
+    assert_eq!(london.stats().malformed_frames, 1);
+    // Rome's link carries on.
+    rome.send_frame("london", "echo", Bytes::from_static(b"still here"))
+        .unwrap();
+    loop {
+        if seen(&mut at_london).await
+            == Seen::Frame("rome".into(), Bytes::from_static(b"still here"))
+        {
+            break;
+        }
+    }
+    assert!(london.peers().iter().any(|p| p.name.as_str() == "rome"));
 }

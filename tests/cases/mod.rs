@@ -13,6 +13,7 @@ mod hostile;
 mod lifecycle;
 mod messaging;
 mod mixed;
+mod registry;
 mod security;
 mod streams;
 
@@ -23,6 +24,7 @@ pub use hostile::*;
 pub use lifecycle::*;
 pub use messaging::*;
 pub use mixed::*;
+pub use registry::*;
 pub use security::*;
 pub use streams::*;
 

@@ -34,6 +34,9 @@ pub enum Dest {
     },
     /// A locally registered name on the receiving node.
     Name(String),
+    /// A global name the receiving node owns (see [`crate::registry`]); delivered only while
+    /// the receiver's claim on it wins, so a message never reaches a process that lost it.
+    Global(String),
 }
 
 /// The header of one message.
@@ -51,6 +54,8 @@ pub struct EnvelopeHeader {
 
 const FLAG_FROM: u8 = 1;
 const FLAG_NAME: u8 = 2;
+/// With `FLAG_NAME`: the name is a global one.
+const FLAG_GLOBAL: u8 = 4;
 
 /// Encodes the length-prefixed header (the payload follows it on the stream).
 pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
@@ -62,7 +67,7 @@ pub fn encode_header(header: &EnvelopeHeader) -> Bytes {
 /// The length of `header` once encoded, its length prefix included.
 pub fn encoded_header_len(header: &EnvelopeHeader) -> usize {
     let dest = match &header.to {
-        Dest::Name(n) => n.len(),
+        Dest::Name(n) | Dest::Global(n) => n.len(),
         Dest::Pid { .. } => 16,
     };
     2 + 1 + 16 + if header.from.is_some() { 8 } else { 0 } + dest
@@ -77,8 +82,10 @@ pub fn encode_header_into(header: &EnvelopeHeader, out: &mut BytesMut) {
     if header.from.is_some() {
         flags |= FLAG_FROM;
     }
-    if matches!(header.to, Dest::Name(_)) {
-        flags |= FLAG_NAME;
+    match header.to {
+        Dest::Name(_) => flags |= FLAG_NAME,
+        Dest::Global(_) => flags |= FLAG_NAME | FLAG_GLOBAL,
+        Dest::Pid { .. } => {}
     }
     out.put_u8(flags);
     out.put_u64(header.seq);
@@ -91,7 +98,7 @@ pub fn encode_header_into(header: &EnvelopeHeader, out: &mut BytesMut) {
             out.put_u64(*id);
             out.put_u64(*creation);
         }
-        Dest::Name(n) => out.put_slice(n.as_bytes()),
+        Dest::Name(n) | Dest::Global(n) => out.put_slice(n.as_bytes()),
     }
     // A name long enough to overflow the u16 prefix is refused by every receiver (their
     // `max_header_size` is far below it); saturate rather than wrap.
@@ -114,7 +121,9 @@ pub fn decode_header(mut b: &[u8]) -> Result<EnvelopeHeader, String> {
     };
     need(b, 17)?;
     let flags = b.get_u8();
-    if flags & !(FLAG_FROM | FLAG_NAME) != 0 {
+    if flags & !(FLAG_FROM | FLAG_NAME | FLAG_GLOBAL) != 0
+        || flags & (FLAG_NAME | FLAG_GLOBAL) == FLAG_GLOBAL
+    {
         return Err(format!("unknown header flags {flags:#04x}"));
     }
     let seq = b.get_u64();
@@ -127,7 +136,11 @@ pub fn decode_header(mut b: &[u8]) -> Result<EnvelopeHeader, String> {
     };
     let to = if flags & FLAG_NAME != 0 {
         let name = std::str::from_utf8(b).map_err(|e| format!("name is not UTF-8: {e}"))?;
-        Dest::Name(name.to_string())
+        if flags & FLAG_GLOBAL != 0 {
+            Dest::Global(name.to_string())
+        } else {
+            Dest::Name(name.to_string())
+        }
     } else {
         need(b, 16)?;
         let id = b.get_u64();
@@ -654,6 +667,12 @@ mod tests {
                 seq: 1,
                 len: 0,
             },
+            EnvelopeHeader {
+                to: Dest::Global("db".into()),
+                from: Some(3),
+                seq: 9,
+                len: 4,
+            },
         ] {
             let wire = encode_header(&h);
             assert_eq!(
@@ -663,6 +682,12 @@ mod tests {
             assert_eq!(decode_header(&wire[2..]), Ok(h));
         }
         assert!(decode_header(&[0x80; 40]).is_err(), "unknown flags");
+        let mut global_alone = [0u8; 40];
+        global_alone[0] = FLAG_GLOBAL;
+        assert!(
+            decode_header(&global_alone).is_err(),
+            "global without a name"
+        );
         assert!(decode_header(&[0; 50]).is_err(), "stray bytes after a pid");
         let mut x: u64 = 0x2545f4914f6cdd1d;
         for n in 0..4000 {

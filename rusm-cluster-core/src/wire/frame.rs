@@ -101,6 +101,9 @@ pub enum RejectReason {
     IdentityModeMismatch,
     /// The listener is shutting down.
     ShuttingDown,
+    /// The listener keeps the dialler cut off (an operator or a test blocked it, as with
+    /// Erlang's `disconnect_node`).
+    Blocked,
     /// The first frame was not a hello, or could not be decoded.
     BadHandshake(String),
     /// The TLS handshake was refused (untrusted, revoked or wrong-name certificate, ALPN): the
@@ -128,6 +131,7 @@ impl fmt::Display for RejectReason {
                 f.write_str("one side uses a shared identity, the other a CA-issued one")
             }
             RejectReason::ShuttingDown => f.write_str("node is shutting down"),
+            RejectReason::Blocked => f.write_str("the node keeps this peer cut off"),
             RejectReason::BadHandshake(why) => write!(f, "bad handshake: {why}"),
             RejectReason::Tls(why) => write!(f, "TLS handshake refused: {why}"),
             RejectReason::Other(why) => f.write_str(why),

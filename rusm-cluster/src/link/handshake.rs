@@ -47,14 +47,16 @@ pub(super) fn linking_error(peer: &NodeName, e: TransportError) -> Error {
     }
 }
 
+/// The members a hello or welcome lists: the peers linked now, hidden ones left out.
 pub(super) fn hello_peers(inner: &NodeInner) -> Vec<PeerAddr> {
     let links = lock(&inner.links);
     links
         .up
         .values()
+        .filter(|l| !l.hidden)
         .map(|l| PeerAddr {
             name: l.peer.clone(),
-            addr: l.addr,
+            addr: l.listen_addr,
         })
         .collect()
 }
@@ -220,6 +222,7 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
             linked: links.up.contains_key(&hello.name),
             dialling: links.dialling.contains(&hello.name),
             shutting_down: links.shut_down,
+            blocked: links.blocked.contains(&hello.name),
         };
         admit(&intro.name, &hello.name, table)?;
         let registered = register(&node, &mut links, &conn, &hello);
@@ -232,7 +235,9 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
             return refuse(inner, &conn, &mut send, reason).await;
         }
     };
-    let welcome = intro.welcome(&hello, hello_peers(inner));
+    let mut members = hello_peers(inner);
+    members.retain(|m| m.name != hello.name);
+    let welcome = intro.welcome(&hello, members);
     let sent = match encode_frame(&welcome) {
         Ok(bytes) => send.write(bytes).await,
         Err(e) => Err(TransportError::ConnectionLost {

@@ -91,6 +91,13 @@ pub(crate) struct LinkHandle {
     pub(crate) hidden: bool,
     /// Pairs from the peer whose order the reader keeps state for.
     pairs_in: AtomicUsize,
+    /// The members the peer listed in its hello or welcome (the mesh dials them).
+    pub(crate) intro_peers: Vec<PeerAddr>,
+    /// Where the peer accepts links (what the mesh tells others): the address its hello or
+    /// welcome gave, with the connection's IP when that address is unspecified, or the
+    /// connection's address when it gave none. Not always the connection's own address: a
+    /// backend may dial from another socket than the one it listens on.
+    pub(crate) listen_addr: SocketAddr,
     /// Present when the link coalesces.
     outbox: Option<Outbox>,
     control: mpsc::UnboundedSender<Frame>,
@@ -106,6 +113,9 @@ pub(crate) struct LinkHandle {
     idle: Notify,
     finished: Notify,
     is_finished: AtomicBool,
+    /// Set by [`LinkHandle::close_with`]: the control loop ends the link with this reason.
+    abort: Mutex<Option<DownReason>>,
+    aborted: Notify,
 }
 
 impl LinkHandle {
@@ -122,6 +132,18 @@ impl LinkHandle {
             hidden: self.hidden,
             pairs_in: self.pairs_in.load(Ordering::Relaxed),
         }
+    }
+
+    /// The peer's incarnation.
+    pub(crate) fn peer_creation(&self) -> u64 {
+        self.peer_creation
+    }
+
+    /// Ends the link with `reason` (the first reason given wins); the teardown runs as for any
+    /// other end.
+    pub(crate) fn close_with(&self, reason: DownReason) {
+        lock(&self.abort).get_or_insert(reason);
+        self.aborted.notify_one();
     }
 
     /// Queues a control frame for the peer; `NotConnected` once the link is down.
@@ -261,6 +283,14 @@ fn register<C: Connection>(
         ),
         hidden: intro.hidden,
         pairs_in: AtomicUsize::new(0),
+        intro_peers: intro.peers.clone(),
+        listen_addr: match intro.listen_addr {
+            Some(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(conn.remote_addr().ip(), a.port())
+            }
+            Some(a) => a,
+            None => conn.remote_addr(),
+        },
         sender: Box::new(TypedSender(conn.clone())),
         outbox: node.inner.config.coalescing.map(Outbox::new),
         control,
@@ -274,6 +304,8 @@ fn register<C: Connection>(
         idle: Notify::new(),
         finished: Notify::new(),
         is_finished: AtomicBool::new(false),
+        abort: Mutex::new(None),
+        aborted: Notify::new(),
     });
     links.up.insert(peer.clone(), link.clone());
     node.inner.links_changed.notify_waiters();
@@ -366,6 +398,11 @@ async fn run_link<C: Connection>(
     };
     conn.close(code, reason.to_string().as_bytes());
     link.fail_queue(inner);
+    // The capabilities hear of the end while the link is still listed, so a new link to the
+    // same peer (admitted only once this one is gone) is always announced to them after it.
+    for capability in inner.router.on_link(&link.capabilities) {
+        capability.on_link_down(&node, &link.peer);
+    }
     {
         let mut links = lock(&inner.links);
         if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
@@ -392,9 +429,6 @@ async fn run_link<C: Connection>(
         deliver(&node, &link, &mut route, msg).await;
     }
     route.flush(inner, &link);
-    for capability in inner.router.on_link(&link.capabilities) {
-        capability.on_link_down(&node, &link.peer);
-    }
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
     info!(node = %inner.name, peer = %link.peer, %reason, "link down");
     let _ = inner.events.send(NodeEvent::NodeDown {
@@ -424,6 +458,11 @@ async fn control_loop<S: SendStream, R: RecvStream>(
     let mut frames_open = true;
     loop {
         tokio::select! {
+            () = link.aborted.notified() => {
+                if let Some(reason) = lock(&link.abort).take() {
+                    return reason;
+                }
+            }
             frame = frames.recv(), if frames_open => match frame {
                 Some(frame) => {
                     let bytes = match encode_frame(&frame) {
@@ -452,7 +491,11 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                             }
                             Ok(Some(Frame::Capability { capability, body })) => {
                                 match node.inner.router.route(&link.capabilities, &capability) {
-                                    Ok(handler) => handler.on_frame(node, &link.peer, body),
+                                    Ok(handler) => {
+                                        if let Err(why) = handler.on_frame(node, &link.peer, body) {
+                                            return violation(format!("{capability}: {why}"));
+                                        }
+                                    }
                                     Err(e) => {
                                         stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
                                         return DownReason::CapabilityRefused(e);

@@ -373,6 +373,11 @@ impl Route {
                     None => return false,
                 }
             }
+            // Only while this node's claim wins: a process that lost the name gets nothing more.
+            Dest::Global(name) => match inner.registry.read(|r| r.owns(name)) {
+                Some(id) => id,
+                None => return false,
+            },
         };
         if self
             .last
