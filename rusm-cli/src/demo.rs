@@ -1,4 +1,4 @@
-//! `rusm demo`: three nodes, one process, plain words. Every step checks what it claims and the
+//! `rusm demo`: three nodes, a few processes, plain words. Every step checks what it claims and the
 //! demo fails (exit 1) on the first step that does not hold.
 
 use std::time::Duration;
@@ -33,7 +33,7 @@ async fn start(ca: &ClusterCa, name: &str) -> Result<Node> {
 
 /// Runs the demo.
 pub(crate) async fn run() -> Result<()> {
-    println!("RUSM cluster demo: three nodes on 127.0.0.1, one process.");
+    println!("RUSM cluster demo: three nodes on 127.0.0.1.");
 
     step(1, "A cluster CA issues each node its own certificate (its name is the certificate's DNS name).");
     let ca = ClusterCa::generate("demo")?;
@@ -43,7 +43,7 @@ pub(crate) async fn run() -> Result<()> {
 
     step(
         2,
-        "paris and berlin connect to london: mutual TLS 1.3, then a hello on the control stream.",
+        "paris, then berlin, connect to london only: mutual TLS 1.3, then a hello on the control stream.",
     );
     paris.connect("london", london.local_addr()).await?;
     berlin.connect("london", london.local_addr()).await?;
@@ -53,6 +53,8 @@ pub(crate) async fn run() -> Result<()> {
     ok(format!(
         "london is linked to {names:?}; each side verified the other's certificate"
     ));
+    wait_for(|| berlin.peers().len() == 2 && paris.peers().len() == 2).await?;
+    ok("berlin and paris linked by themselves: london named each to the other (the full mesh)");
 
     step(3, "london spawns a greeter process and registers it as \"greeter\"; paris sends to it by name.");
     let greeter = london.spawn(|mut ctx| async move {
@@ -93,8 +95,55 @@ pub(crate) async fn run() -> Result<()> {
     );
     ok(format!("paris got the reply: {reply:?}"));
 
-    step(4, "berlin sends 1,000 numbered messages to one process on paris (each on its own QUIC stream).");
-    berlin.connect("paris", paris.local_addr()).await?;
+    step(
+        4,
+        "paris registers a process under the global name \"db\"; berlin finds it and sends to it by that name.",
+    );
+    let db = paris.spawn(|mut ctx| async move {
+        while let Some(msg) = ctx.recv().await {
+            let Some(from) = msg.from().cloned() else {
+                continue;
+            };
+            let reply = format!(
+                "db on {} stored {:?}",
+                ctx.node().name(),
+                String::from_utf8_lossy(msg.payload())
+            );
+            let _ = ctx.send_to(&from, Bytes::from(reply)).await;
+        }
+    });
+    paris.register_global("db", &db).await?;
+    wait_for(|| berlin.whereis_global("db").is_some() && london.whereis_global("db").is_some())
+        .await?;
+    ensure!(
+        berlin.whereis_global("db") == Some(db.clone()),
+        "berlin resolves db to {:?}",
+        berlin.whereis_global("db")
+    );
+    ok(format!("every node resolves \"db\" to {db}"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    berlin.spawn(|mut ctx| async move {
+        let sent = ctx.send_global("db", Bytes::from_static(b"k=v")).await;
+        let reply = match sent {
+            Ok(()) => ctx.recv().await.map(|m| m.into_payload()),
+            Err(_) => None,
+        };
+        let _ = tx.send(reply);
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .context("no reply from db within 5 s")??
+        .context("db's reply did not arrive")?;
+    ok(format!("berlin got: {:?}", String::from_utf8_lossy(&reply)));
+    let other = london.spawn(|mut ctx| async move { while ctx.recv().await.is_some() {} });
+    match london.register_global("db", &other).await {
+        Err(Error::NameTaken { pid, .. }) => ok(format!(
+            "london cannot take \"db\" too: it belongs to {pid}"
+        )),
+        other => bail!("a second registration of db: {other:?}"),
+    }
+
+    step(5, "berlin sends 1,000 numbered messages to one process on paris (each on its own QUIC stream).");
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let counter = paris.spawn(|mut ctx| async move {
         let mut expected = 0u32;
@@ -123,7 +172,7 @@ pub(crate) async fn run() -> Result<()> {
     ok("all 1,000 arrived, in the order sent");
 
     step(
-        5,
+        6,
         "An impostor holding a certificate from another CA tries to join as \"paris\".",
     );
     let rogue_ca = ClusterCa::generate("rogue")?;
@@ -141,7 +190,13 @@ pub(crate) async fn run() -> Result<()> {
     ensure!(london.peers().len() == 2, "london's links changed");
     ok("london counted one refused handshake and kept its two real links");
 
-    step(6, "berlin shuts down; london is told at once.");
+    step(
+        7,
+        "berlin shuts down; london is told at once, and berlin's global names go with it.",
+    );
+    let log = berlin.spawn(|mut ctx| async move { while ctx.recv().await.is_some() {} });
+    berlin.register_global("berlin-log", &log).await?;
+    wait_for(|| london.whereis_global("berlin-log").is_some()).await?;
     let mut events = london.subscribe();
     berlin.shutdown().await;
     let down = tokio::time::timeout(Duration::from_secs(5), async {
@@ -166,6 +221,14 @@ pub(crate) async fn run() -> Result<()> {
         }
         other => bail!("send to a down node: {other:?}"),
     }
+    wait_for(|| london.whereis_global("berlin-log").is_none()).await?;
+    let names: Vec<String> = london
+        .registered_global()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    ensure!(names == ["db"], "london still knows {names:?}");
+    ok(format!("london's global names now: {names:?}"));
 
     impostor.shutdown().await;
     paris.shutdown().await;

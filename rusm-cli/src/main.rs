@@ -1,7 +1,8 @@
 //! `rusm`: the RUSM cluster operator command.
 //!
 //! - `rusm demo`: boots three nodes on loopback in one process and shows, step by step,
-//!   authentication, cross-node messaging, per-pair order and a rejected impostor. Exits 0 only
+//!   authentication, the mesh, cross-node messaging by local and global name, per-pair order
+//!   and a rejected impostor. Exits 0 only
 //!   if every step did what it says.
 //! - `rusm bench`: cross-node throughput and round trip on both backends, each next to a raw
 //!   QUIC baseline measured in the same run, counting every message (`--json` for machines).

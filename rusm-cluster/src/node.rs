@@ -342,6 +342,7 @@ pub struct NodeBuilder<T> {
     listen: SocketAddr,
     config: NodeConfig,
     capabilities: Vec<Arc<dyn Capability>>,
+    hidden: bool,
     _transport: PhantomData<fn() -> T>,
 }
 
@@ -373,6 +374,7 @@ impl<T: Transport> NodeBuilder<T> {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             config: NodeConfig::default(),
             capabilities: Vec::new(),
+            hidden: false,
             _transport: PhantomData,
         }
     }
@@ -386,6 +388,7 @@ impl<T: Transport> NodeBuilder<T> {
             listen: self.listen,
             config: self.config,
             capabilities: self.capabilities,
+            hidden: self.hidden,
             _transport: PhantomData,
         }
     }
@@ -419,6 +422,15 @@ impl<T: Transport> NodeBuilder<T> {
     /// it too. Two capabilities of one name are refused by [`start`](Self::start).
     pub fn capability(mut self, capability: impl Capability) -> Self {
         self.capabilities.push(Arc::new(capability));
+        self
+    }
+
+    /// Makes the node *hidden*, as an operator's attach client is: its peers link to it when
+    /// it connects, but it never joins the mesh (no member is told of it, and it dials no
+    /// member it hears of) and it takes no part in the global registry (it neither sees nor
+    /// registers global names). Default: not hidden.
+    pub fn hidden(mut self, hidden: bool) -> Self {
+        self.hidden = hidden;
         self
     }
 
@@ -458,11 +470,13 @@ impl<T: Transport> NodeBuilder<T> {
             .unwrap_or(1);
         let registry = Arc::new(GlobalRegistry::new(name.clone(), creation));
         let mut router: Router<Arc<dyn Capability>> = Router::new();
-        router.register(rusm_cluster_core::registry::CAPABILITY, registry.clone());
-        router.register(
-            crate::mesh::CAPABILITY,
-            Arc::new(MeshCapability(Arc::new(Mesh::new()))),
-        );
+        if !self.hidden {
+            router.register(rusm_cluster_core::registry::CAPABILITY, registry.clone());
+            router.register(
+                crate::mesh::CAPABILITY,
+                Arc::new(MeshCapability(Arc::new(Mesh::new()))),
+            );
+        }
         for capability in self.capabilities {
             let name = capability.name().to_string();
             if !router.register(&name, capability) {
@@ -486,7 +500,7 @@ impl<T: Transport> NodeBuilder<T> {
             capabilities: router.names(),
             max_message_size: self.config.limits.max_message_size as u64,
             shared_identity: shared,
-            hidden: false,
+            hidden: self.hidden,
         };
         let node = Node {
             inner: Arc::new(NodeInner {
@@ -641,7 +655,8 @@ impl Node {
     /// name stop reaching it.
     ///
     /// Errors: [`Error::NameTaken`] with the current owner, [`Error::NoProcess`] when `pid` is
-    /// not a live process of this node, [`Error::BadName`].
+    /// not a live process of this node, [`Error::BadName`], [`Error::Config`] on a
+    /// [hidden](NodeBuilder::hidden) node.
     ///
     /// [`unregister_global`]: Self::unregister_global
     ///
@@ -674,6 +689,11 @@ impl Node {
     /// # Ok(()) }
     /// ```
     pub async fn register_global(&self, name: &str, pid: &Pid) -> Result<(), Error> {
+        if self.inner.intro.hidden {
+            return Err(Error::Config(
+                "a hidden node takes no part in the global registry".into(),
+            ));
+        }
         if !self.is_alive(pid) {
             return Err(Error::NoProcess { pid: pid.clone() });
         }

@@ -288,3 +288,57 @@ pub async fn a_partition_heals_to_one_owner_and_the_loser_is_told<T: Transport>(
     );
     shutdown_all(&nodes).await;
 }
+
+pub async fn a_hidden_node_never_joins_the_mesh_or_the_registry<T: Transport>() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let (nodes, _) = cluster_through_one::<T>(&ca, 3).await;
+    let (pid, _rx) = collector(&nodes[1]);
+    nodes[1].register_global("svc", &pid).await.unwrap();
+    all_see(&nodes, "svc", Some(&pid)).await;
+    let ops = rusm_cluster::NodeBuilder::<T>::new("ops")
+        .identity(ca.issue("ops").unwrap())
+        .trust(ca.trust())
+        .hidden(true)
+        .start()
+        .await
+        .unwrap();
+    ops.connect("n0", nodes[0].local_addr()).await.unwrap();
+    wait_until(|| nodes[0].peers().len() == 3).await;
+    let seen = nodes[0]
+        .peers()
+        .into_iter()
+        .find(|p| p.name.as_str() == "ops")
+        .unwrap();
+    assert!(seen.hidden);
+    assert!(seen.capabilities.is_empty(), "{:?}", seen.capabilities);
+    // A node joining later is not told of it either.
+    let late = node::<T>(&ca, "n3").await;
+    late.connect("n0", nodes[0].local_addr()).await.unwrap();
+    wait_until(|| late.peers().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in nodes[1..].iter().chain([&late]) {
+        assert!(
+            n.peers().iter().all(|p| p.name.as_str() != "ops"),
+            "{} linked to the hidden node",
+            n.name()
+        );
+    }
+    assert_eq!(ops.peers().len(), 1, "the hidden node dialled members");
+    // No registry traffic: it sees no global names and cannot register one.
+    assert_eq!(ops.whereis_global("svc"), None);
+    let (mine, _) = collector(&ops);
+    assert!(matches!(
+        ops.register_global("ops-name", &mine).await,
+        Err(Error::Config(_))
+    ));
+    // It still reaches processes by node and name.
+    let (inbox, mut at_inbox) = collector(&nodes[0]);
+    nodes[0].register("inbox", &inbox).unwrap();
+    ops.send("n0", "inbox", Bytes::from_static(b"report"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut at_inbox).await.payload().as_ref(), b"report");
+    ops.shutdown().await;
+    late.shutdown().await;
+    shutdown_all(&nodes).await;
+}
