@@ -56,6 +56,7 @@ macro_rules! matrix {
             case!(a_blocked_peer_stays_cut);
             case!(a_partition_heals_to_one_owner_and_the_loser_is_told);
             case!(a_hidden_node_never_joins_the_mesh_or_the_registry);
+            case!(names_registered_before_joining_reach_every_node);
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);

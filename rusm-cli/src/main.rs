@@ -6,9 +6,12 @@
 //!   if every step did what it says.
 //! - `rusm bench`: cross-node throughput and round trip on both backends, each next to a raw
 //!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
+//! - `rusm bench-mesh`: how fast nodes joining through one member form the full mesh and agree
+//!   on their global names.
 
 mod bench;
 mod demo;
+mod mesh_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +32,9 @@ enum Command {
     Demo,
     /// Measure cross-node throughput and round trip against a raw QUIC baseline, per backend.
     Bench(bench::BenchArgs),
+    /// Measure how fast nodes joining through one member form a full mesh and agree on their
+    /// global names.
+    BenchMesh(mesh_bench::MeshArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +63,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(args).await,
+            Command::BenchMesh(args) => mesh_bench::run(args).await,
         }
     });
     match result {

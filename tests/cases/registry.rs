@@ -342,3 +342,46 @@ pub async fn a_hidden_node_never_joins_the_mesh_or_the_registry<T: Transport>() 
     late.shutdown().await;
     shutdown_all(&nodes).await;
 }
+
+/// The names each node holds before it joins reach every node (they travel in the sync that
+/// follows each hello and welcome at once, often in the same read).
+pub async fn names_registered_before_joining_reach_every_node<T: Transport>() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let mut nodes = Vec::new();
+    let mut pids = Vec::new();
+    for i in 0..5 {
+        let n = node::<T>(&ca, &format!("n{i}")).await;
+        let (pid, rx) = collector(&n);
+        n.register_global(&format!("svc-{i}"), &pid).await.unwrap();
+        pids.push((pid, rx));
+        nodes.push(n);
+    }
+    let first = nodes[0].local_addr();
+    for r in futures_util::future::join_all(nodes[1..].iter().map(|n| n.connect("n0", first))).await
+    {
+        r.unwrap();
+    }
+    for (i, (pid, _)) in pids.iter().enumerate() {
+        all_see(&nodes, &format!("svc-{i}"), Some(pid)).await;
+    }
+    // And route: every node to every name.
+    for n in &nodes {
+        for i in 0..5 {
+            n.send_global(&format!("svc-{i}"), Bytes::from(n.name().to_string()))
+                .await
+                .unwrap();
+        }
+    }
+    for (_, rx) in &mut pids {
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.push(recv(rx).await.into_payload());
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            ["n0", "n1", "n2", "n3", "n4"].map(|n| Bytes::from(n.as_bytes()))
+        );
+    }
+    shutdown_all(&nodes).await;
+}

@@ -450,11 +450,11 @@ async fn control_loop<S: SendStream, R: RecvStream>(
     goodbye: &watch::Sender<Option<(String, u64)>>,
     lost: &mpsc::Sender<Notice>,
 ) -> DownReason {
-    let stats = &node.inner.stats;
-    let violation = |why: String| {
-        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
-        DownReason::ProtocolViolation(why)
-    };
+    // Frames that arrived with the hello or welcome, in the same read, are handled first: no
+    // later read may come to push them out.
+    if let Err(reason) = handle_frames(node, link, dec, goodbye, lost).await {
+        return reason;
+    }
     let mut frames_open = true;
     loop {
         tokio::select! {
@@ -478,36 +478,8 @@ async fn control_loop<S: SendStream, R: RecvStream>(
             chunk = recv.read_chunk() => match chunk {
                 Ok(Some(chunk)) => {
                     dec.push(&chunk);
-                    loop {
-                        match dec.next_frame() {
-                            Ok(Some(Frame::Goodbye { reason, streams })) => {
-                                let _ = goodbye.send(Some((reason, streams)));
-                            }
-                            Ok(Some(Frame::Lost { from, to, seq })) => {
-                                let _ = lost.send(Notice::Lost(from, to, seq)).await;
-                            }
-                            Ok(Some(Frame::Retire { from, pairs })) => {
-                                let _ = lost.send(Notice::Retire(from, pairs)).await;
-                            }
-                            Ok(Some(Frame::Capability { capability, body })) => {
-                                match node.inner.router.route(&link.capabilities, &capability) {
-                                    Ok(handler) => {
-                                        if let Err(why) = handler.on_frame(node, &link.peer, body) {
-                                            return violation(format!("{capability}: {why}"));
-                                        }
-                                    }
-                                    Err(e) => {
-                                        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
-                                        return DownReason::CapabilityRefused(e);
-                                    }
-                                }
-                            }
-                            Ok(Some(other)) => {
-                                return violation(format!("unexpected {} frame", other.kind()));
-                            }
-                            Ok(None) => break,
-                            Err(e) => return violation(e.to_string()),
-                        }
+                    if let Err(reason) = handle_frames(node, link, dec, goodbye, lost).await {
+                        return reason;
                     }
                 }
                 Ok(None) => {
@@ -519,6 +491,50 @@ async fn control_loop<S: SendStream, R: RecvStream>(
                 }
                 Err(e) => return down_from(e),
             },
+        }
+    }
+}
+
+/// Handles every whole frame in `dec`; the reason to close the link, if one breaks the protocol.
+async fn handle_frames(
+    node: &Node,
+    link: &LinkHandle,
+    dec: &mut FrameDecoder,
+    goodbye: &watch::Sender<Option<(String, u64)>>,
+    lost: &mpsc::Sender<Notice>,
+) -> Result<(), DownReason> {
+    let stats = &node.inner.stats;
+    let violation = |why: String| {
+        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+        DownReason::ProtocolViolation(why)
+    };
+    loop {
+        match dec.next_frame() {
+            Ok(Some(Frame::Goodbye { reason, streams })) => {
+                let _ = goodbye.send(Some((reason, streams)));
+            }
+            Ok(Some(Frame::Lost { from, to, seq })) => {
+                let _ = lost.send(Notice::Lost(from, to, seq)).await;
+            }
+            Ok(Some(Frame::Retire { from, pairs })) => {
+                let _ = lost.send(Notice::Retire(from, pairs)).await;
+            }
+            Ok(Some(Frame::Capability { capability, body })) => {
+                match node.inner.router.route(&link.capabilities, &capability) {
+                    Ok(handler) => {
+                        if let Err(why) = handler.on_frame(node, &link.peer, body) {
+                            return Err(violation(format!("{capability}: {why}")));
+                        }
+                    }
+                    Err(e) => {
+                        stats.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                        return Err(DownReason::CapabilityRefused(e));
+                    }
+                }
+            }
+            Ok(Some(other)) => return Err(violation(format!("unexpected {} frame", other.kind()))),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(violation(e.to_string())),
         }
     }
 }
