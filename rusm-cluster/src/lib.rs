@@ -32,6 +32,11 @@
 //! node; [`Node::send_to`] reaches a pid; [`Node::peers`] lists links; [`Node::subscribe`] reports
 //! nodes going up and down.
 //!
+//! Connecting to one member of a cluster joins them all (the full mesh).
+//! [`Node::register_global`] makes a name every node resolves ([`Node::whereis_global`]) and
+//! routes to ([`Node::send_global`]); a name taken on both sides of a partition settles on one
+//! owner when it heals, and the loser is told ([`Notice::NameConflict`]).
+//!
 //! ## Guarantees
 //! - **Per-pair order**: messages from one sender to one destination arrive in the order sent,
 //!   although each travels on its own QUIC stream (so unrelated messages never wait on each
