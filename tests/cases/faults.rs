@@ -119,6 +119,15 @@ pub async fn silent_peer_is_declared_down<T: CutPath>() {
         .await
         .unwrap();
     recv(&mut inbox).await;
+    // Each side holds a global name the other sees.
+    london.register_global("london-svc", &p).await.unwrap();
+    let (q, _at_q) = collector(&paris);
+    paris.register_global("paris-svc", &q).await.unwrap();
+    wait_until(|| {
+        london.whereis_global("paris-svc") == Some(q.clone())
+            && paris.whereis_global("london-svc") == Some(p.clone())
+    })
+    .await;
     // Idle for longer than the idle timeout: keep-alives hold the link up.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(london.peers().len(), 1, "keep-alives keep an idle link up");
@@ -138,7 +147,11 @@ pub async fn silent_peer_is_declared_down<T: CutPath>() {
         "declared down after {:?}",
         cut_at.elapsed()
     );
+    // The lost node's names went with it, on both sides of the cut.
+    assert_eq!(london.whereis_global("paris-svc"), None);
+    assert_eq!(london.whereis_global("london-svc"), Some(p.clone()));
     wait_until(|| paris.peers().is_empty()).await;
+    assert_eq!(paris.whereis_global("london-svc"), None);
     assert!(matches!(
         paris
             .send("london", "inbox", Bytes::from_static(b"after"))
