@@ -82,4 +82,14 @@ mod mixed {
     async fn s2n_dials_quinn() {
         crate::cases::mixed_cluster::<S2nTransport, QuinnTransport>().await
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quinn_and_s2n_form_one_mesh() {
+        crate::cases::mixed_mesh_with_global_names::<QuinnTransport, S2nTransport>().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn s2n_and_quinn_form_one_mesh() {
+        crate::cases::mixed_mesh_with_global_names::<S2nTransport, QuinnTransport>().await
+    }
 }

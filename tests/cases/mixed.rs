@@ -64,3 +64,63 @@ pub async fn mixed_cluster<A: Transport, B: Transport>() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Four nodes alternating between backends `A` and `B`, each joining through the first: one
+/// mesh across both stacks, and a global name on each resolved and routed from every node.
+pub async fn mixed_mesh_with_global_names<A: Transport, B: Transport>() {
+    let ca = ClusterCa::generate("mixed").unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        let name = format!("m{i}");
+        let (id, trust) = (ca.issue(&name).unwrap(), ca.trust());
+        let node = if i % 2 == 0 {
+            NodeBuilder::<A>::new(name)
+                .identity(id)
+                .trust(trust)
+                .start()
+                .await
+        } else {
+            NodeBuilder::<B>::new(name)
+                .identity(id)
+                .trust(trust)
+                .start()
+                .await
+        };
+        nodes.push(node.unwrap());
+    }
+    let mut inboxes = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let (pid, rx) = collector(n);
+        n.register_global(&format!("svc-{i}"), &pid).await.unwrap();
+        inboxes.push(rx);
+    }
+    let first = nodes[0].local_addr();
+    for n in &nodes[1..] {
+        n.connect("m0", first).await.unwrap();
+    }
+    wait_until(|| {
+        nodes
+            .iter()
+            .all(|n| n.peers().len() == 3 && n.registered_global().len() == 4)
+    })
+    .await;
+    for n in &nodes {
+        for i in 0..4 {
+            n.send_global(&format!("svc-{i}"), Bytes::from(n.name().to_string()))
+                .await
+                .unwrap();
+        }
+    }
+    for rx in &mut inboxes {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(recv(rx).await.into_payload());
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            ["m0", "m1", "m2", "m3"].map(|n| Bytes::from(n.as_bytes()))
+        );
+    }
+    futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
+}
