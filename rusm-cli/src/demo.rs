@@ -73,22 +73,7 @@ pub(crate) async fn run() -> Result<()> {
     });
     london.register("greeter", &greeter)?;
     ok(format!("greeter is {greeter}"));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    paris.spawn(|mut ctx| async move {
-        let sent = ctx
-            .send("london", "greeter", Bytes::from_static(b"bonjour"))
-            .await;
-        let reply = match sent {
-            Ok(()) => ctx.recv().await.map(|m| m.into_payload()),
-            Err(_) => None,
-        };
-        let _ = tx.send(reply);
-    });
-    let reply = tokio::time::timeout(Duration::from_secs(5), rx)
-        .await
-        .context("no reply from the greeter within 5 s")??
-        .context("the greeter's reply did not arrive")?;
-    let reply = String::from_utf8_lossy(&reply).to_string();
+    let reply = ask(&paris, To::Named("london", "greeter"), b"bonjour").await?;
     ensure!(
         reply.starts_with("hello paris"),
         "unexpected reply {reply:?}"
@@ -121,20 +106,8 @@ pub(crate) async fn run() -> Result<()> {
         berlin.whereis_global("db")
     );
     ok(format!("every node resolves \"db\" to {db}"));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    berlin.spawn(|mut ctx| async move {
-        let sent = ctx.send_global("db", Bytes::from_static(b"k=v")).await;
-        let reply = match sent {
-            Ok(()) => ctx.recv().await.map(|m| m.into_payload()),
-            Err(_) => None,
-        };
-        let _ = tx.send(reply);
-    });
-    let reply = tokio::time::timeout(Duration::from_secs(5), rx)
-        .await
-        .context("no reply from db within 5 s")??
-        .context("db's reply did not arrive")?;
-    ok(format!("berlin got: {:?}", String::from_utf8_lossy(&reply)));
+    let reply = ask(&berlin, To::Global("db"), b"k=v").await?;
+    ok(format!("berlin got: {reply:?}"));
     let other = london.spawn(|mut ctx| async move { while ctx.recv().await.is_some() {} });
     match london.register_global("db", &other).await {
         Err(Error::NameTaken { pid, .. }) => ok(format!(
@@ -235,6 +208,36 @@ pub(crate) async fn run() -> Result<()> {
     london.shutdown().await;
     println!("\nAll steps did what they said.");
     Ok(())
+}
+
+/// Where [`ask`] sends.
+enum To {
+    /// A locally registered name on a node.
+    Named(&'static str, &'static str),
+    /// A global name.
+    Global(&'static str),
+}
+
+/// Spawns a process on `from` that sends `payload` to `to` and waits for one reply; the reply.
+async fn ask(from: &Node, to: To, payload: &'static [u8]) -> Result<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    from.spawn(|mut ctx| async move {
+        let payload = Bytes::from_static(payload);
+        let sent = match to {
+            To::Named(node, name) => ctx.send(node, name, payload).await,
+            To::Global(name) => ctx.send_global(name, payload).await,
+        };
+        let reply = match sent {
+            Ok(()) => ctx.recv().await.map(|m| m.into_payload()),
+            Err(_) => None,
+        };
+        let _ = tx.send(reply);
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .context("no reply within 5 s")??
+        .context("the send failed, or no reply came")?;
+    Ok(String::from_utf8_lossy(&reply).to_string())
 }
 
 async fn wait_for(mut cond: impl FnMut() -> bool) -> Result<()> {

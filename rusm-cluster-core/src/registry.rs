@@ -751,12 +751,13 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         b.peer_up(&a, 1, &mut out);
-        let claim = |n: &str, pid| {
-            Op::Claim(Claim {
+        let claim = |seq, n: &str, pid| Update {
+            seq,
+            op: Op::Claim(Claim {
                 name: n.into(),
                 pid,
                 stamp: 10,
-            })
+            }),
         };
         let release = Update {
             seq: 3,
@@ -765,55 +766,20 @@ mod tests {
                 pid: 1,
             },
         };
+        let sync = Update {
+            seq: 1,
+            op: Op::Sync(vec![]),
+        };
+        let mut deliver = |b: &mut Registry, u: Update| b.on_update(&a, u, now, &mut out);
         // The release first, then the claim it releases, then the sync; then repeats of all.
-        b.on_update(&a, release.clone(), now, &mut out);
-        b.on_update(
-            &a,
-            Update {
-                seq: 2,
-                op: claim("x", 1),
-            },
-            now,
-            &mut out,
-        );
+        deliver(&mut b, release.clone());
+        deliver(&mut b, claim(2, "x", 1));
         assert_eq!(b.whereis("x"), None, "waits for the sync");
-        b.on_update(
-            &a,
-            Update {
-                seq: 1,
-                op: Op::Sync(vec![]),
-            },
-            now,
-            &mut out,
-        );
+        deliver(&mut b, sync);
         assert_eq!(b.whereis("x"), None, "claimed, then released");
-        b.on_update(
-            &a,
-            Update {
-                seq: 2,
-                op: claim("x", 1),
-            },
-            now,
-            &mut out,
-        );
-        b.on_update(
-            &a,
-            Update {
-                seq: 4,
-                op: claim("y", 2),
-            },
-            now,
-            &mut out,
-        );
-        b.on_update(
-            &a,
-            Update {
-                seq: 4,
-                op: claim("y", 2),
-            },
-            now,
-            &mut out,
-        );
+        deliver(&mut b, claim(2, "x", 1));
+        deliver(&mut b, claim(4, "y", 2));
+        deliver(&mut b, claim(4, "y", 2));
         assert_eq!(b.whereis("x"), None, "a repeat is not applied again");
         assert_eq!(b.whereis("y").map(|o| o.pid), Some(2));
         assert!(
