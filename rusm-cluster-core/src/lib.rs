@@ -12,6 +12,9 @@
 //!   (sans-IO).
 //! - [`outbound`]: per-pair numbering of the messages a link sends (sans-IO).
 //! - [`registry`]: the global registry: claims, conflicts and their gossip (sans-IO).
+//! - [`rpc`]: request/reply frames (calls, remote spawn, monitors, attach) and the pending
+//!   request table with deadlines (sans-IO).
+//! - [`report`]: a node's live report, as live attach fetches it.
 //! - [`order`]: per-pair message ordering over independent streams (sans-IO).
 
 pub mod identity;
@@ -20,6 +23,8 @@ pub mod link;
 pub mod order;
 pub mod outbound;
 pub mod registry;
+pub mod report;
+pub mod rpc;
 pub mod router;
 pub mod tls;
 pub mod transport;
