@@ -57,6 +57,12 @@ macro_rules! matrix {
             case!(a_partition_heals_to_one_owner_and_the_loser_is_told);
             case!(a_hidden_node_never_joins_the_mesh_or_the_registry);
             case!(names_registered_before_joining_reach_every_node);
+            case!(call_gets_the_reply_or_a_typed_error);
+            case!(spawn_remote_runs_only_registered_factories);
+            case!(monitors_fire_once_with_the_exit_reason);
+            case!(demonitor_and_node_monitors);
+            case!(requests_and_monitors_fail_when_the_node_is_lost);
+            case!(attach_reads_the_report_without_joining);
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);

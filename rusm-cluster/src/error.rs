@@ -85,6 +85,51 @@ pub enum Error {
         /// The capability.
         capability: String,
     },
+    /// The link to `node` went down while a request to it was pending (a call, a remote spawn,
+    /// a report): it may or may not have been carried out.
+    #[error("the link to {node} went down before it answered")]
+    LinkLost {
+        /// The peer asked.
+        node: NodeName,
+    },
+    /// The called process dropped the call without replying (or exited first).
+    #[error("the called process on {node} did not reply")]
+    NoReply {
+        /// The node the process lives on.
+        node: NodeName,
+    },
+    /// No factory of that name is registered on the node (only registered factories can be
+    /// spawned remotely).
+    #[error("node {node} has no factory {factory:?}")]
+    UnknownFactory {
+        /// The node asked.
+        node: NodeName,
+        /// The factory asked for.
+        factory: String,
+    },
+    /// The factory refused the arguments.
+    #[error("the factory on {node} refused: {reason}")]
+    SpawnRefused {
+        /// The node asked.
+        node: NodeName,
+        /// The factory's reason.
+        reason: String,
+    },
+    /// The node does not serve that request.
+    #[error("node {node} did not serve the request: {why}")]
+    NotServed {
+        /// The node asked.
+        node: NodeName,
+        /// Why.
+        why: String,
+    },
+    /// [`Message::reply`](crate::Message::reply) on a message that is not a call, or was
+    /// answered already.
+    #[error("the message is not a call waiting for a reply")]
+    NotACall,
+    /// The caller stopped waiting for the reply (it timed out, or it or its link went down).
+    #[error("the caller is no longer waiting for the reply")]
+    CallerGone,
     /// The transport failed (connection lost, endpoint could not bind, ...).
     #[error("transport: {0}")]
     Transport(#[from] TransportError),

@@ -61,6 +61,7 @@ mod node;
 mod pid;
 mod process;
 mod registry;
+mod rpc;
 mod stats;
 
 pub use capability::Capability;
@@ -69,11 +70,13 @@ pub use error::{Error, SendError};
 pub use node::DefaultTransport;
 pub use node::{Coalescing, DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
 pub use pid::Pid;
-pub use process::{Message, Notice, Process};
+pub use process::{Message, MonitorRef, Notice, Process};
 pub use rusm_cluster_core::identity::{
     ClusterCa, Identity, IdentityKind, NodeName, Serial, TrustAnchor,
 };
 pub use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
+pub use rusm_cluster_core::report::Report;
+pub use rusm_cluster_core::rpc::ExitReason;
 pub use rusm_cluster_core::transport::{Transport, TransportError, TransportTuning};
 pub use rusm_cluster_core::wire::Limits;
 pub use stats::NodeStats;

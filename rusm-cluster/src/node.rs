@@ -17,7 +17,9 @@ use rusm_cluster_core::identity::{Identity, IdentityKind, NodeName, TrustAnchor}
 use rusm_cluster_core::inbound::{InboundClose, InboundConfig};
 use rusm_cluster_core::link::LocalIntro;
 use rusm_cluster_core::registry::RegisterError;
+use rusm_cluster_core::report::{PeerReport, ProcessReport, Report};
 use rusm_cluster_core::router::{RouteError, Router};
+use rusm_cluster_core::rpc::{ExitReason, Failure, Reply, Request};
 use rusm_cluster_core::transport::{EndpointConfig, Transport, TransportTuning};
 use rusm_cluster_core::wire::{Dest, Frame, Limits, RejectReason};
 use tokio::sync::broadcast;
@@ -28,8 +30,9 @@ use crate::error::{Error, SendError};
 use crate::link::{self, Dialled, LinkHandle};
 use crate::mesh::{Mesh, MeshCapability};
 use crate::pid::Pid;
-use crate::process::{Mailbox, Process};
+use crate::process::{Mail, Mailbox, Message, Process, ReplyTo};
 use crate::registry::GlobalRegistry;
+use crate::rpc::{Factory, Rpc};
 use crate::stats::{NodeStats, Stats};
 
 /// The backend `Node::builder` uses, chosen by cargo feature: quinn when the `quinn` feature
@@ -66,6 +69,9 @@ pub struct NodeConfig {
     /// Opt-in coalescing of queued messages to one peer into shared streams (off by default:
     /// each message then travels on a stream of its own). See [`Coalescing`].
     pub coalescing: Option<Coalescing>,
+    /// How long [`Node::spawn_remote`] and [`Node::attach_report`] wait for the peer's answer.
+    /// Default 5 s.
+    pub request_timeout: Duration,
 }
 
 /// Opt-in coalescing: a link queues outgoing messages and one writer per link carries the
@@ -117,6 +123,7 @@ impl Default for NodeConfig {
             handshake_timeout: Duration::from_secs(5),
             inbound: InboundConfig::default(),
             coalescing: None,
+            request_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -289,6 +296,19 @@ pub(crate) struct NodeInner {
     pub(crate) intro: LocalIntro,
     /// The global registry (also in the router, as the `registry` capability).
     pub(crate) registry: Arc<GlobalRegistry>,
+    /// Requests, factories and monitors (also in the router, as the `rpc` capability).
+    pub(crate) rpc: Arc<Rpc>,
+    /// When the node started.
+    pub(crate) started: std::time::Instant,
+    /// Refused handshakes and hellos, by reason.
+    pub(crate) refusals: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl NodeInner {
+    /// Counts a refused handshake or hello under `reason`.
+    pub(crate) fn count_refusal(&self, reason: &str) {
+        *lock(&self.refusals).entry(reason.to_string()).or_insert(0) += 1;
+    }
 }
 
 /// A running node. Cheap to clone (all clones are the same node).
@@ -469,7 +489,9 @@ impl<T: Transport> NodeBuilder<T> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
         let registry = Arc::new(GlobalRegistry::new(name.clone(), creation));
+        let rpc = Rpc::new();
         let mut router: Router<Arc<dyn Capability>> = Router::new();
+        router.register(rusm_cluster_core::rpc::CAPABILITY, rpc.clone());
         if !self.hidden {
             router.register(rusm_cluster_core::registry::CAPABILITY, registry.clone());
             router.register(
@@ -481,7 +503,7 @@ impl<T: Transport> NodeBuilder<T> {
             let name = capability.name().to_string();
             if !router.register(&name, capability) {
                 return Err(Error::Config(format!(
-                    "capability {name:?} added twice (\"registry\" and \"mesh\" are the node's own)"
+                    "capability {name:?} added twice (\"registry\", \"mesh\" and \"rpc\" are the node's own)"
                 )));
             }
         }
@@ -521,6 +543,9 @@ impl<T: Transport> NodeBuilder<T> {
                 links_changed: tokio::sync::Notify::new(),
                 intro,
                 registry,
+                rpc,
+                started: std::time::Instant::now(),
+                refusals: Mutex::new(Default::default()),
             }),
         };
         tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
@@ -586,10 +611,16 @@ impl Node {
         let guard = ExitGuard {
             node: Arc::downgrade(&self.inner),
             id,
+            reason: ExitReason::Killed,
         };
         let task = tokio::spawn(async move {
-            let _guard = guard;
-            fut.await;
+            use futures_util::FutureExt;
+            // The whole guard moves in (not just the field assigned), so it drops with the task.
+            let mut guard = guard;
+            guard.reason = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(()) => ExitReason::Normal,
+                Err(panic) => ExitReason::Panicked(panic_message(&*panic)),
+            };
         });
         if let Some(slot) = write(&self.inner.processes).get_mut(&id) {
             slot.task = Some(task);
@@ -1065,12 +1096,305 @@ impl Node {
         })
     }
 
-    /// The peers with a link up.
+    /// The peers with a link up. Hidden nodes (attach clients) are not peers: see
+    /// [`attached`](Self::attached).
     pub fn peers(&self) -> Vec<PeerInfo> {
+        self.links_where(false)
+    }
+
+    /// The hidden nodes (attach clients) linked to this node.
+    pub fn attached(&self) -> Vec<PeerInfo> {
+        self.links_where(true)
+    }
+
+    fn links_where(&self, hidden: bool) -> Vec<PeerInfo> {
         let links = lock(&self.inner.links);
-        let mut peers: Vec<PeerInfo> = links.up.values().map(|l| l.info()).collect();
+        let mut peers: Vec<PeerInfo> = links
+            .up
+            .values()
+            .filter(|l| l.hidden == hidden)
+            .map(|l| l.info())
+            .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         peers
+    }
+
+    /// Registers factory `name`: [`spawn_remote`](Self::spawn_remote) on any node may then
+    /// start a process here running `body(ctx, args)`. Factories are the allow-list of remote
+    /// spawn: nothing else can be spawned from afar, and no closure crosses the wire. A later
+    /// registration of the same name replaces the earlier one.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use rusm_cluster::{ClusterCa, Node};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = ClusterCa::generate("demo")?;
+    /// let london = Node::builder("london").identity(ca.issue("london")?).trust(ca.trust()).start().await?;
+    /// let paris = Node::builder("paris").identity(ca.issue("paris")?).trust(ca.trust()).start().await?;
+    /// london.register_factory("echo", |mut ctx, greeting: Bytes| async move {
+    ///     while let Some(mut msg) = ctx.recv().await {
+    ///         let _ = msg.reply(greeting.clone());
+    ///     }
+    /// });
+    /// paris.connect("london", london.local_addr()).await?;
+    /// let pid = paris.spawn_remote("london", "echo", Bytes::from_static(b"hi")).await?;
+    /// assert_eq!(pid.node().as_str(), "london");
+    /// let reply = paris.call(&pid, Bytes::new(), std::time::Duration::from_secs(1)).await?;
+    /// assert_eq!(reply, "hi");
+    /// # paris.shutdown().await; london.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn register_factory<F, Fut>(&self, name: &str, body: F)
+    where
+        F: Fn(Process, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.add_factory(name, None, body);
+    }
+
+    /// Registers factory `name` like [`register_factory`](Self::register_factory), with a
+    /// check of the arguments first: its `Err(reason)` refuses the spawn, and the caller gets
+    /// [`Error::SpawnRefused`] with the reason.
+    pub fn register_factory_checked<C, F, Fut>(&self, name: &str, check: C, body: F)
+    where
+        C: Fn(&Bytes) -> Result<(), String> + Send + Sync + 'static,
+        F: Fn(Process, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.add_factory(name, Some(Box::new(check)), body);
+    }
+
+    fn add_factory<F, Fut>(&self, name: &str, check: Option<crate::rpc::Check>, body: F)
+    where
+        F: Fn(Process, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let factory = Factory {
+            check,
+            body: Box::new(move |ctx, args| Box::pin(body(ctx, args))),
+        };
+        write(&self.inner.rpc.factories).insert(name.to_string(), Arc::new(factory));
+    }
+
+    /// Spawns a process on node `node` from the factory it registered as `factory`, with
+    /// `args`; returns its pid (on this node too, when `node` is this node's name).
+    ///
+    /// Errors: [`Error::UnknownFactory`], [`Error::SpawnRefused`] (the factory's check),
+    /// [`Error::NotConnected`], [`Error::LinkLost`] (the link went down before the answer),
+    /// [`Error::Timeout`] ([`NodeConfig::request_timeout`]).
+    pub async fn spawn_remote(&self, node: &str, factory: &str, args: Bytes) -> Result<Pid, Error> {
+        let peer = NodeName::new(node)?;
+        if peer == self.inner.name {
+            return crate::rpc::spawn_local(self, factory, args)
+                .map_err(|f| crate::rpc::failure(&peer, f, None));
+        }
+        let request = Request::Spawn {
+            factory: factory.to_string(),
+            args,
+        };
+        let timeout = self.inner.config.request_timeout;
+        match crate::rpc::request(self, &peer, request, timeout).await? {
+            Reply::Spawned(id) => {
+                let creation = lock(&self.inner.links)
+                    .up
+                    .get(&peer)
+                    .map(|l| l.peer_creation());
+                match creation {
+                    Some(creation) => Ok(Pid {
+                        node: peer,
+                        id,
+                        creation,
+                    }),
+                    None => Err(Error::LinkLost { node: peer }),
+                }
+            }
+            Reply::Failed(f) => Err(crate::rpc::failure(&peer, f, None)),
+            other => Err(Error::NotServed {
+                node: peer,
+                why: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Calls `pid` (local or remote) with `payload` and waits up to `timeout` for its reply
+    /// ([`Message::reply`](crate::Message::reply)). Every call ends: with the reply,
+    /// [`Error::NoReply`] when the process drops the call unanswered, [`Error::NoProcess`],
+    /// [`Error::LinkLost`] at once when the link to its node goes down, or
+    /// [`Error::Timeout`]. A call travels on the link's control stream, so its payload is
+    /// limited to the control frame size (`Limits::max_frame_size` less 1 KiB,
+    /// [`Error::MessageTooLarge`]).
+    pub async fn call(&self, pid: &Pid, payload: Bytes, timeout: Duration) -> Result<Bytes, Error> {
+        self.call_from(None, pid, payload, timeout).await
+    }
+
+    pub(crate) async fn call_from(
+        &self,
+        from: Option<&Pid>,
+        pid: &Pid,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, Error> {
+        if pid.node == self.inner.name {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let reply = ReplyTo::Local(Some(tx));
+            if let Err(mut reply) = self.deliver_call(pid, from.cloned(), payload, reply) {
+                reply.answer(Err(Failure::NoProcess));
+            }
+            return match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Ok(bytes))) => Ok(bytes),
+                Ok(Ok(Err(f))) => Err(crate::rpc::failure(&pid.node, f, Some(pid))),
+                Ok(Err(_)) => Err(Error::NoReply {
+                    node: pid.node.clone(),
+                }),
+                Err(_) => Err(Error::Timeout {
+                    what: format!("waiting for {pid} to reply"),
+                }),
+            };
+        }
+        let max = self.inner.config.limits.max_frame_size.saturating_sub(1024);
+        if payload.len() > max {
+            return Err(Error::MessageTooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        let request = Request::Call {
+            to: pid.id,
+            creation: pid.creation,
+            from: from.map(|p| p.id),
+            payload,
+        };
+        match crate::rpc::request(self, &pid.node, request, timeout).await? {
+            Reply::Called(bytes) => Ok(bytes),
+            Reply::Failed(f) => Err(crate::rpc::failure(&pid.node, f, Some(pid))),
+            other => Err(Error::NotServed {
+                node: pid.node.clone(),
+                why: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Puts a call in local process `pid`'s mailbox; the reply handle back if there is no such
+    /// process.
+    pub(crate) fn deliver_call(
+        &self,
+        pid: &Pid,
+        from: Option<Pid>,
+        payload: Bytes,
+        reply: ReplyTo,
+    ) -> Result<(), ReplyTo> {
+        let mailbox = (pid.creation == self.inner.creation)
+            .then(|| {
+                read(&self.inner.processes)
+                    .get(&pid.id)
+                    .map(|s| s.mailbox.clone())
+            })
+            .flatten();
+        let Some(mailbox) = mailbox else {
+            return Err(reply);
+        };
+        match mailbox.push(Mail::One(Message::call(from, payload, reply))) {
+            Ok(()) => Ok(()),
+            Err(Mail::One(mut msg)) => Err(msg
+                .take_reply()
+                .expect("a call message carries its reply handle")),
+            Err(Mail::Many(_)) => unreachable!("one message was pushed"),
+        }
+    }
+
+    /// Kills local process `pid`: its task is stopped where it waits, its monitors get
+    /// [`ExitReason::Killed`]. `false` if it is not a live process of this node.
+    pub fn kill(&self, pid: &Pid) -> bool {
+        if pid.node != self.inner.name || pid.creation != self.inner.creation {
+            return false;
+        }
+        let task = read(&self.inner.processes)
+            .get(&pid.id)
+            .and_then(|s| s.task.as_ref().map(|t| t.abort_handle()));
+        match task {
+            Some(task) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// This node's live report: processes, names, peers, counters (what live attach shows).
+    pub fn report(&self) -> Report {
+        let inner = &self.inner;
+        let mut names: HashMap<u64, Vec<String>> = HashMap::new();
+        let local_names: std::collections::BTreeMap<String, u64> = read(&inner.names)
+            .iter()
+            .map(|(n, id)| (n.clone(), *id))
+            .collect();
+        for (n, id) in &local_names {
+            names.entry(*id).or_default().push(n.clone());
+        }
+        let global = self.registered_global();
+        for (n, pid) in &global {
+            if pid.node == inner.name {
+                names.entry(pid.id).or_default().push(format!("global:{n}"));
+            }
+        }
+        let mut processes: Vec<ProcessReport> = read(&inner.processes)
+            .iter()
+            .map(|(id, slot)| {
+                let (mailbox, messages_in, messages_out) = slot.mailbox.counts();
+                ProcessReport {
+                    id: *id,
+                    names: names.remove(id).unwrap_or_default(),
+                    mailbox,
+                    messages_in,
+                    messages_out,
+                }
+            })
+            .collect();
+        processes.sort_by_key(|p| p.id);
+        let peers = self
+            .peers()
+            .into_iter()
+            .map(|p| PeerReport {
+                name: p.name.to_string(),
+                addr: p.addr.to_string(),
+                creation: p.creation,
+                rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+                messages_sent: p.messages_sent,
+                messages_received: p.messages_received,
+                streams_sent: p.streams_sent,
+            })
+            .collect();
+        Report {
+            node: inner.name.to_string(),
+            creation: inner.creation,
+            uptime_ms: inner.started.elapsed().as_millis() as u64,
+            listen: inner.local_addr.to_string(),
+            processes,
+            local_names,
+            global_names: global
+                .into_iter()
+                .map(|(n, p)| (n, p.to_string()))
+                .collect(),
+            peers,
+            attached: self.attached().len(),
+            counters: self
+                .stats()
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            refusals: lock(&inner.refusals).clone(),
+        }
+    }
+
+    /// Fetches the live report of node `peer` (see [`report`](Self::report)) over the link:
+    /// what `rusm attach` does, from a [hidden](NodeBuilder::hidden) node.
+    ///
+    /// Errors: [`Error::NotConnected`], [`Error::LinkLost`], [`Error::Timeout`].
+    pub async fn attach_report(&self, peer: &str) -> Result<Report, Error> {
+        let peer = NodeName::new(peer)?;
+        crate::rpc::report(self, &peer, self.inner.config.request_timeout).await
     }
 
     /// Subscribes to node up/down events from now on.
@@ -1164,10 +1488,24 @@ impl Node {
     }
 }
 
-/// Removes a process and its names when its task ends (normally, by panic, or by abort).
+/// The message of a panic payload, when it is a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic".to_string()
+    }
+}
+
+/// Removes a process and its names when its task ends (normally, by panic, or by abort), and
+/// tells its monitors why.
 struct ExitGuard {
     node: std::sync::Weak<NodeInner>,
     id: u64,
+    /// Killed unless the task finished (an aborted task never sets it).
+    reason: ExitReason,
 }
 
 impl Drop for ExitGuard {
@@ -1175,15 +1513,14 @@ impl Drop for ExitGuard {
         if let Some(node) = self.node.upgrade() {
             write(&node.processes).remove(&self.id);
             write(&node.names).retain(|_, id| *id != self.id);
-            // Its global names are released everywhere.
+            // Its global names are released everywhere, and its monitors fire.
             let id = self.id;
-            node.registry.run(
-                &Node {
-                    inner: node.clone(),
-                },
-                None,
-                |r, out| r.process_exited(id, out),
-            );
+            let handle = Node {
+                inner: node.clone(),
+            };
+            node.registry
+                .run(&handle, None, |r, out| r.process_exited(id, out));
+            crate::rpc::process_exited(&handle, id, &self.reason);
             // Its pairs end here: peers forget their order state for them.
             let links: Vec<Arc<LinkHandle>> = lock(&node.links).up.values().cloned().collect();
             for link in links {

@@ -1,13 +1,16 @@
 //! Processes: tokio tasks with a mailbox. A [`Process`] is the context a spawned process runs
 //! with; [`Message`] is what it receives.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use rusm_cluster_core::identity::NodeName;
+use rusm_cluster_core::rpc::{ExitReason, Failure, Reply, RpcFrame};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::error::SendError;
+use crate::error::{Error, SendError};
 use crate::node::Node;
 use crate::pid::Pid;
 
@@ -19,10 +22,23 @@ use crate::pid::Pid;
 pub struct Message {
     from: Option<Pid>,
     payload: Bytes,
-    /// Boxed: notices are rare, and messages stay small.
-    notice: Option<Box<Notice>>,
+    /// Boxed: notices and calls are rarer than plain messages, which stay small.
+    extra: Option<Box<Extra>>,
     _credit: Option<Credit>,
 }
+
+/// What a message may carry besides its payload.
+#[derive(Debug)]
+enum Extra {
+    Notice(Notice),
+    Call(ReplyTo),
+}
+
+/// A watch set with [`Process::monitor`] or [`Process::monitor_node`]; identifies the
+/// [`Notice::Down`] / [`Notice::NodeDown`] it fires, and cancels it with
+/// [`Process::demonitor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MonitorRef(pub(crate) u64);
 
 /// A notice the node itself puts in a process's mailbox (see [`Message::notice`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +54,61 @@ pub enum Notice {
         /// The process that holds it now.
         winner: Pid,
     },
+    /// A process this one monitors ([`Process::monitor`]) exited, or can no longer be watched
+    /// because the link to its node went down. Sent once per monitor.
+    Down {
+        /// The monitor.
+        monitor: MonitorRef,
+        /// The watched process.
+        pid: Pid,
+        /// Why.
+        reason: ExitReason,
+    },
+    /// The link to a node this process monitors ([`Process::monitor_node`]) went down (or was
+    /// not up when the monitor was set). Sent once per monitor.
+    NodeDown {
+        /// The monitor.
+        monitor: MonitorRef,
+        /// The node.
+        node: NodeName,
+    },
+}
+
+/// Where the reply to a call goes: the local caller, or a peer's pending request. Dropped
+/// without an answer, it answers [`Failure::NoReply`], so a call never waits for nothing.
+#[derive(Debug)]
+pub(crate) enum ReplyTo {
+    Local(Option<oneshot::Sender<Result<Bytes, Failure>>>),
+    Remote {
+        node: Option<Node>,
+        peer: NodeName,
+        id: u64,
+    },
+}
+
+impl ReplyTo {
+    /// Answers the call (once; later answers do nothing); `false` if the caller is gone.
+    pub(crate) fn answer(&mut self, result: Result<Bytes, Failure>) -> bool {
+        match self {
+            ReplyTo::Local(tx) => tx.take().is_some_and(|tx| tx.send(result).is_ok()),
+            ReplyTo::Remote { node, peer, id } => match node.take() {
+                Some(node) => {
+                    let reply = match result {
+                        Ok(b) => Reply::Called(b),
+                        Err(f) => Reply::Failed(f),
+                    };
+                    crate::rpc::send_rpc(&node, peer, &RpcFrame::Reply { id: *id, reply })
+                }
+                None => false,
+            },
+        }
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        self.answer(Err(Failure::NoReply));
+    }
 }
 
 impl Message {
@@ -45,7 +116,7 @@ impl Message {
         Message {
             from,
             payload,
-            notice: None,
+            extra: None,
             _credit: credit,
         }
     }
@@ -54,8 +125,77 @@ impl Message {
         Message {
             from: None,
             payload: Bytes::new(),
-            notice: Some(Box::new(notice)),
+            extra: Some(Box::new(Extra::Notice(notice))),
             _credit: None,
+        }
+    }
+
+    pub(crate) fn call(from: Option<Pid>, payload: Bytes, reply: ReplyTo) -> Self {
+        Message {
+            from,
+            payload,
+            extra: Some(Box::new(Extra::Call(reply))),
+            _credit: None,
+        }
+    }
+
+    /// Whether this message is a call ([`Node::call`](crate::Node::call)) still waiting for
+    /// its [`reply`](Self::reply).
+    pub fn is_call(&self) -> bool {
+        matches!(self.extra.as_deref(), Some(Extra::Call(r)) if match r {
+            ReplyTo::Local(tx) => tx.is_some(),
+            ReplyTo::Remote { node, .. } => node.is_some(),
+        })
+    }
+
+    /// Answers this call ([`Node::call`](crate::Node::call)) with `payload`. A call dropped
+    /// without a reply answers the caller with [`Error::NoReply`] at once.
+    ///
+    /// Errors: [`Error::NotACall`] when the message is not a call, or was answered already;
+    /// [`Error::CallerGone`] when the caller stopped waiting (it timed out, or its node or the
+    /// link to it went down).
+    ///
+    /// ```
+    /// # use bytes::Bytes;
+    /// # use rusm_cluster::{Identity, Node};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let node = Node::builder("solo").identity(Identity::generate()?).start().await?;
+    /// let doubler = node.spawn(|mut ctx| async move {
+    ///     while let Some(mut msg) = ctx.recv().await {
+    ///         let n = msg.payload()[0];
+    ///         let _ = msg.reply(Bytes::from(vec![n * 2]));
+    ///     }
+    /// });
+    /// let answer = node.call(&doubler, Bytes::from(vec![21]), std::time::Duration::from_secs(1)).await?;
+    /// assert_eq!(answer[0], 42);
+    /// # node.shutdown().await; Ok(()) }
+    /// ```
+    pub fn reply(&mut self, payload: Bytes) -> Result<(), Error> {
+        let Some(Extra::Call(reply)) = self.extra.as_deref_mut() else {
+            return Err(Error::NotACall);
+        };
+        let open = match reply {
+            ReplyTo::Local(tx) => tx.is_some(),
+            ReplyTo::Remote { node, .. } => node.is_some(),
+        };
+        if !open {
+            return Err(Error::NotACall);
+        }
+        if reply.answer(Ok(payload)) {
+            Ok(())
+        } else {
+            Err(Error::CallerGone)
+        }
+    }
+
+    /// Takes the call's reply handle out (to answer it with a failure instead).
+    pub(crate) fn take_reply(&mut self) -> Option<ReplyTo> {
+        match self.extra.take().map(|b| *b) {
+            Some(Extra::Call(r)) => Some(r),
+            other => {
+                self.extra = other.map(Box::new);
+                None
+            }
         }
     }
 
@@ -75,7 +215,10 @@ impl Message {
     /// }
     /// ```
     pub fn notice(&self) -> Option<&Notice> {
-        self.notice.as_deref()
+        match self.extra.as_deref() {
+            Some(Extra::Notice(n)) => Some(n),
+            _ => None,
+        }
     }
 
     /// The sending process, when the message was sent from one.
@@ -110,6 +253,10 @@ struct Shared {
     capacity: Arc<Semaphore>,
     /// Messages in the channel (batches counted by their size).
     queued: AtomicUsize,
+    /// Messages delivered to the process, in all.
+    received: AtomicU64,
+    /// Messages the process sent, in all.
+    sent: AtomicU64,
 }
 
 /// The sending side of a process's mailbox. Local senders wait for capacity (`capacity`
@@ -135,6 +282,8 @@ impl Mailbox {
         let shared = Arc::new(Shared {
             capacity: Arc::new(Semaphore::new(capacity.max(1))),
             queued: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         });
         let inbox = Inbox {
             rx,
@@ -163,10 +312,25 @@ impl Mailbox {
     pub(crate) fn push(&self, mail: Mail) -> Result<(), Mail> {
         let n = mail.len();
         self.shared.queued.fetch_add(n, Ordering::Relaxed);
-        self.tx.send(mail).map_err(|e| {
-            self.shared.queued.fetch_sub(n, Ordering::Relaxed);
-            e.0
-        })
+        match self.tx.send(mail) {
+            Ok(()) => {
+                self.shared.received.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.queued.fetch_sub(n, Ordering::Relaxed);
+                Err(e.0)
+            }
+        }
+    }
+
+    /// Messages waiting, delivered in all, and sent in all by the process.
+    pub(crate) fn counts(&self) -> (usize, u64, u64) {
+        (
+            self.shared.queued.load(Ordering::Relaxed),
+            self.shared.received.load(Ordering::Relaxed),
+            self.shared.sent.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -273,25 +437,90 @@ impl Process {
         self.inbox.len()
     }
 
+    /// Counts a message this process sent.
+    fn sent<T, E>(&self, r: Result<T, E>) -> Result<T, E> {
+        if r.is_ok() {
+            self.inbox.shared.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Sends `payload` to the process registered as `name` on node `node`, from this process
     /// (the receiver sees this pid in [`Message::from`]). See [`Node::send`].
     pub async fn send(&self, node: &str, name: &str, payload: Bytes) -> Result<(), SendError> {
-        self.node
+        let r = self
+            .node
             .send_from(Some(&self.pid), node, name, payload)
-            .await
+            .await;
+        self.sent(r)
     }
 
     /// Sends `payload` to the holder of global name `name`, from this process. See
     /// [`Node::send_global`].
     pub async fn send_global(&self, name: &str, payload: Bytes) -> Result<(), SendError> {
-        self.node
+        let r = self
+            .node
             .send_global_from(Some(&self.pid), name, payload)
-            .await
+            .await;
+        self.sent(r)
     }
 
     /// Sends `payload` to `pid`, local or remote, from this process. See [`Node::send_to`].
     pub async fn send_to(&self, pid: &Pid, payload: Bytes) -> Result<(), SendError> {
-        self.node.send_to_from(Some(&self.pid), pid, payload).await
+        let r = self.node.send_to_from(Some(&self.pid), pid, payload).await;
+        self.sent(r)
+    }
+
+    /// Calls `pid` (local or remote) from this process and waits for its reply. See
+    /// [`Node::call`].
+    pub async fn call(&self, pid: &Pid, payload: Bytes, timeout: Duration) -> Result<Bytes, Error> {
+        let r = self
+            .node
+            .call_from(Some(&self.pid), pid, payload, timeout)
+            .await;
+        self.sent(r)
+    }
+
+    /// Watches `pid`, local or remote: when it exits, this process gets one
+    /// [`Notice::Down`] with the reason, and also (with [`ExitReason::NoConnection`]) if the
+    /// link to its node goes down first; at once (with [`ExitReason::NoProcess`] or
+    /// `NoConnection`) if it is not alive or its node is not linked. Monitors are not
+    /// broadcast events: each fires once, into this mailbox.
+    ///
+    /// ```
+    /// # use rusm_cluster::{ExitReason, Identity, Node, Notice};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let node = Node::builder("solo").identity(Identity::generate()?).start().await?;
+    /// let worker = node.spawn(|_ctx| async move {});
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// node.spawn(move |mut ctx| async move {
+    ///     let monitor = ctx.monitor(&worker);
+    ///     let msg = ctx.recv().await.unwrap();
+    ///     if let Some(Notice::Down { monitor: m, reason, .. }) = msg.notice() {
+    ///         assert_eq!(*m, monitor);
+    ///         let _ = tx.send(reason.clone());
+    ///     }
+    /// });
+    /// // The worker returned at once: normal exit, or gone before the monitor was set.
+    /// let reason = rx.await?;
+    /// assert!(matches!(reason, ExitReason::Normal | ExitReason::NoProcess));
+    /// # node.shutdown().await; Ok(()) }
+    /// ```
+    pub fn monitor(&self, pid: &Pid) -> MonitorRef {
+        crate::rpc::monitor(&self.node, self.pid.id, pid)
+    }
+
+    /// Watches node `node`: this process gets one [`Notice::NodeDown`] when the link to it
+    /// goes down (at once if it is not up).
+    pub fn monitor_node(&self, node: &str) -> Result<MonitorRef, Error> {
+        let node_name = NodeName::new(node)?;
+        Ok(crate::rpc::monitor_node(&self.node, self.pid.id, node_name))
+    }
+
+    /// Cancels a monitor: no notice comes from it after this returns (one already in the
+    /// mailbox stays there). `false` if it had fired or was cancelled already.
+    pub fn demonitor(&self, monitor: MonitorRef) -> bool {
+        crate::rpc::demonitor(&self.node, monitor)
     }
 }
 

@@ -18,6 +18,13 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: u64,)*
         }
 
+        impl NodeStats {
+            /// Every counter by name (for reports).
+            pub fn counters(&self) -> Vec<(&'static str, u64)> {
+                vec![("processes", self.processes as u64), $((stringify!($name), self.$name),)*]
+            }
+        }
+
         impl Stats {
             pub(crate) fn snapshot(&self, processes: usize) -> NodeStats {
                 NodeStats {
@@ -70,4 +77,6 @@ counters! {
     global_name_conflicts,
     /// Dials to cluster members learned from peers (the mesh) that failed for good.
     mesh_dial_failures,
+    /// Replies from peers to no pending request (late, after a timeout, or bogus); ignored.
+    unexpected_replies,
 }

@@ -71,10 +71,10 @@ pub async fn capability_frames_reach_only_links_that_negotiated_them<T: Transpor
     assert_eq!(seen(&mut at_paris).await, Seen::Up("london".into()));
     let peers = london.peers();
     assert_eq!(peers[0].name.as_str(), "paris");
-    assert_eq!(peers[0].capabilities, ["echo", "mesh", "registry"]);
+    assert_eq!(peers[0].capabilities, ["echo", "mesh", "registry", "rpc"]);
     assert_eq!(peers[1].name.as_str(), "rome");
     // Rome has the node's own capabilities only.
-    assert_eq!(peers[1].capabilities, ["mesh", "registry"]);
+    assert_eq!(peers[1].capabilities, ["mesh", "registry", "rpc"]);
 
     // Frames of the capability travel in order, both ways.
     for i in 0..3u8 {

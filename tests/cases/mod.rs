@@ -14,6 +14,7 @@ mod lifecycle;
 mod messaging;
 mod mixed;
 mod registry;
+mod rpc;
 mod security;
 mod streams;
 
@@ -25,6 +26,7 @@ pub use lifecycle::*;
 pub use messaging::*;
 pub use mixed::*;
 pub use registry::*;
+pub use rpc::*;
 pub use security::*;
 pub use streams::*;
 

@@ -49,7 +49,12 @@ pub async fn five_nodes_joined_through_one_form_a_full_mesh<T: Transport>() {
             .collect();
         assert_eq!(names, others, "{}", node.name());
         for p in &peers {
-            assert_eq!(p.capabilities, ["mesh", "registry"], "{}", node.name());
+            assert_eq!(
+                p.capabilities,
+                ["mesh", "registry", "rpc"],
+                "{}",
+                node.name()
+            );
         }
         assert_eq!(node.stats().mesh_dial_failures, 0);
     }
@@ -303,14 +308,13 @@ pub async fn a_hidden_node_never_joins_the_mesh_or_the_registry<T: Transport>() 
         .await
         .unwrap();
     ops.connect("n0", nodes[0].local_addr()).await.unwrap();
-    wait_until(|| nodes[0].peers().len() == 3).await;
-    let seen = nodes[0]
-        .peers()
-        .into_iter()
-        .find(|p| p.name.as_str() == "ops")
-        .unwrap();
+    wait_until(|| nodes[0].attached().len() == 1).await;
+    let seen = nodes[0].attached().remove(0);
+    assert_eq!(seen.name.as_str(), "ops");
     assert!(seen.hidden);
-    assert!(seen.capabilities.is_empty(), "{:?}", seen.capabilities);
+    // Request/reply only (for attach): no mesh, no registry.
+    assert_eq!(seen.capabilities, ["rpc"]);
+    assert_eq!(nodes[0].peers().len(), 2, "a hidden node is not a peer");
     // A node joining later is not told of it either.
     let late = node::<T>(&ca, "n3").await;
     late.connect("n0", nodes[0].local_addr()).await.unwrap();

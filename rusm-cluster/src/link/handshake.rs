@@ -173,6 +173,7 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
                 .stats
                 .rejected_handshakes
                 .fetch_add(1, Ordering::Relaxed);
+            inner.count_refusal(tls_refusal_key(&e.to_string()));
             warn!(node = %inner.name, error = %e, "incoming connection refused in the TLS handshake");
             return;
         }
@@ -181,6 +182,7 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
                 .stats
                 .rejected_handshakes
                 .fetch_add(1, Ordering::Relaxed);
+            inner.count_refusal("tls: timed out");
             warn!(node = %inner.name, "incoming TLS handshake timed out");
             return;
         }
@@ -193,6 +195,7 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
         }
         Err(_) => {
             inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+            inner.count_refusal("hello: none in time");
             conn.close(close_code::REJECTED, b"no hello in time");
             return;
         }
@@ -261,6 +264,7 @@ pub(super) async fn refuse<C: Connection>(
     reason: RejectReason,
 ) {
     inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+    inner.count_refusal(hello_refusal_key(&reason));
     if let Ok(bytes) = encode_frame(&Frame::Reject(reason.clone())) {
         if send.write(bytes).await.is_ok() {
             let _ = send.finish();
@@ -272,4 +276,40 @@ pub(super) async fn refuse<C: Connection>(
         _ => close_code::REJECTED,
     };
     conn.close(code, reason.to_string().as_bytes());
+}
+
+/// The key a refused TLS handshake is counted under in the node's report.
+fn tls_refusal_key(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("revoked") {
+        "tls: revoked certificate"
+    } else if e.contains("unknownissuer")
+        || e.contains("unknown issuer")
+        || e.contains("badsignature")
+        || e.contains("decrypt")
+        || e.contains("unknown ca")
+    {
+        "tls: untrusted certificate"
+    } else if e.contains("certificate") {
+        "tls: bad certificate"
+    } else if e.contains("alpn") || e.contains("application protocol") {
+        "tls: no common protocol"
+    } else {
+        "tls: other"
+    }
+}
+
+/// The key a refused hello is counted under in the node's report.
+fn hello_refusal_key(reason: &RejectReason) -> &'static str {
+    match reason {
+        RejectReason::UnsupportedProtocol { .. } => "hello: unsupported protocol",
+        RejectReason::NameMismatch { .. } => "hello: name not in certificate",
+        RejectReason::SameName => "hello: same name",
+        RejectReason::DuplicateLink => "hello: duplicate link",
+        RejectReason::IdentityModeMismatch => "hello: identity mode mismatch",
+        RejectReason::ShuttingDown => "hello: shutting down",
+        RejectReason::Blocked => "hello: blocked",
+        RejectReason::BadHandshake(_) => "hello: bad handshake",
+        _ => "hello: other",
+    }
 }
