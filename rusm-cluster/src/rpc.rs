@@ -303,12 +303,8 @@ pub(crate) fn monitor_node(node: &Node, watcher: u64, peer: NodeName) -> Monitor
     let mref = state.next_ref;
     state.next_ref += 1;
     let monitor = MonitorRef(mref);
-    let linked = state.up.contains(&peer)
-        || lock(&node.inner.links)
-            .up
-            .get(&peer)
-            .is_some_and(|l| !l.capabilities.allows(CAPABILITY));
-    if !linked {
+    // Only links that use the capability report their end to it.
+    if !state.up.contains(&peer) {
         drop(state);
         deliver_notice(
             node,

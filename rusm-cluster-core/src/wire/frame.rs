@@ -139,6 +139,44 @@ impl fmt::Display for RejectReason {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_texts_map_back_to_their_reasons() {
+        for r in [
+            RejectReason::Blocked,
+            RejectReason::ShuttingDown,
+            RejectReason::DuplicateLink,
+        ] {
+            assert_eq!(RejectReason::from_close_text(&r.to_string()), r);
+        }
+        assert_eq!(
+            RejectReason::from_close_text("no hello in time"),
+            RejectReason::Other("no hello in time".into())
+        );
+    }
+}
+
+impl RejectReason {
+    /// The reason a refusing side's close text names, when the reject frame itself was not read
+    /// (the close overtook it): the reasons without fields are recognised by their words, so a
+    /// refusal reads the same whichever arrived first; anything else is [`RejectReason::Other`].
+    pub fn from_close_text(text: &str) -> RejectReason {
+        [
+            RejectReason::SameName,
+            RejectReason::DuplicateLink,
+            RejectReason::IdentityModeMismatch,
+            RejectReason::ShuttingDown,
+            RejectReason::Blocked,
+        ]
+        .into_iter()
+        .find(|r| r.to_string() == text)
+        .unwrap_or_else(|| RejectReason::Other(text.to_string()))
+    }
+}
+
 /// A frame on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

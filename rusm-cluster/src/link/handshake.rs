@@ -40,7 +40,7 @@ pub(super) fn linking_error(peer: &NodeName, e: TransportError) -> Error {
         {
             Error::Rejected {
                 node: peer.clone(),
-                reason: RejectReason::Other(reason),
+                reason: RejectReason::from_close_text(&reason),
             }
         }
         other => Error::Transport(other),
