@@ -8,10 +8,16 @@
 //!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
 //! - `rusm bench-mesh`: how fast nodes joining through one member form the full mesh and agree
 //!   on their global names.
+//! - `rusm ca init|issue|revoke|list --dir DIR`: the cluster's certificate authority in a
+//!   directory: create it, issue a node its certificate and key, revoke one, list them.
+//! - `rusm node --name NAME --listen ADDR --certs DIR [--connect PEER@ADDR ...]
+//!   [--config FILE.toml]`: runs one node until Ctrl-C or SIGTERM, then shuts it down cleanly.
 
 mod bench;
+mod ca;
 mod demo;
 mod mesh_bench;
+mod node_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -35,16 +41,27 @@ enum Command {
     /// Measure how fast nodes joining through one member form a full mesh and agree on their
     /// global names.
     BenchMesh(mesh_bench::MeshArgs),
+    /// Manage the cluster's certificate authority in a directory: init, issue, revoke, list.
+    Ca(ca::CaArgs),
+    /// Run one node until Ctrl-C or SIGTERM, then shut it down cleanly (peers see it go at
+    /// once).
+    Node(node_cmd::NodeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A running node logs what it does by default; the one-shot commands only errors.
+    let default_level = match cli.command {
+        Command::Node(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut builder = match &cli.command {
         Command::Bench(args) if args.runtime == bench::RuntimeMode::CurrentThread => {
@@ -64,6 +81,8 @@ fn main() -> std::process::ExitCode {
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(args).await,
             Command::BenchMesh(args) => mesh_bench::run(args).await,
+            Command::Ca(args) => ca::run(args),
+            Command::Node(args) => node_cmd::run(args).await,
         }
     });
     match result {
