@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
-use rusm_cluster::{ClusterCa, DownReason, Error, Node, NodeEvent};
+use rusm_cluster::{ClusterCa, DownReason, Error, ExitReason, Node, NodeEvent, Notice};
 
 fn step(n: u32, text: &str) {
     println!("\n{n}. {text}");
@@ -146,6 +146,103 @@ pub(crate) async fn run() -> Result<()> {
 
     step(
         6,
+        "london offers a \"counter\" factory; paris spawns one on london and calls it.",
+    );
+    london.register_factory("counter", |mut ctx, start: Bytes| async move {
+        let mut n = u64::from_be_bytes(start[..].try_into().unwrap_or([0; 8]));
+        while let Some(mut msg) = ctx.recv().await {
+            n += 1;
+            let _ = msg.reply(Bytes::copy_from_slice(&n.to_be_bytes()));
+        }
+    });
+    let counter = paris
+        .spawn_remote(
+            "london",
+            "counter",
+            Bytes::copy_from_slice(&41u64.to_be_bytes()),
+        )
+        .await?;
+    ensure!(
+        counter.node().as_str() == "london",
+        "spawned on {}",
+        counter.node()
+    );
+    ok(format!(
+        "paris spawned {counter} on london (only registered factories can be)"
+    ));
+    let reply = paris
+        .call(&counter, Bytes::new(), Duration::from_secs(5))
+        .await?;
+    let n = u64::from_be_bytes(reply[..].try_into().context("a reply of 8 bytes")?);
+    ensure!(n == 42, "the counter answered {n}");
+    ok(format!("paris called it and got {n}"));
+    match paris.spawn_remote("london", "shell", Bytes::new()).await {
+        Err(e @ Error::UnknownFactory { .. }) => {
+            ok(format!("an unregistered factory is refused: {e}"))
+        }
+        other => bail!("spawning an unknown factory: {other:?}"),
+    }
+
+    step(
+        7,
+        "a paris process monitors the counter; london kills it; the monitor fires once.",
+    );
+    let (down_tx, down_rx) = tokio::sync::oneshot::channel();
+    let (set_tx, set_rx) = tokio::sync::oneshot::channel();
+    let watched = counter.clone();
+    paris.spawn(move |mut ctx| async move {
+        let _monitor = ctx.monitor(&watched);
+        let _ = set_tx.send(());
+        while let Some(msg) = ctx.recv().await {
+            if let Some(Notice::Down { pid, reason, .. }) = msg.notice() {
+                let _ = down_tx.send((pid.clone(), reason.clone()));
+                break;
+            }
+        }
+    });
+    set_rx.await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ensure!(london.kill(&counter), "the counter was not alive");
+    let (pid, reason) = tokio::time::timeout(Duration::from_secs(5), down_rx)
+        .await
+        .context("no down notice within 5 s")??;
+    ensure!(
+        pid == counter && reason == ExitReason::Killed,
+        "down: {pid} {reason}"
+    );
+    ok(format!(
+        "the watcher got Down {{ pid: {pid}, reason: {reason} }}"
+    ));
+
+    step(
+        8,
+        "An operator attaches to london with a certificate issued for \"ops\" (a hidden node: in nobody's peer list).",
+    );
+    let ops = Node::builder("ops")
+        .identity(ca.issue("ops")?)
+        .trust(ca.trust())
+        .hidden(true)
+        .start()
+        .await?;
+    ops.connect("london", london.local_addr()).await?;
+    let report = ops.attach_report("london").await?;
+    for line in crate::attach::render(&report, None).lines().take(16) {
+        println!("   | {line}");
+    }
+    ensure!(
+        london.peers().iter().all(|p| p.name.as_str() != "ops")
+            && paris.peers().iter().all(|p| p.name.as_str() != "ops"),
+        "the attach client shows up as a peer"
+    );
+    ok(format!(
+        "the report lists {} processes and {} peers; ops is in nobody's peer list",
+        report.processes.len(),
+        report.peers.len()
+    ));
+    ops.shutdown().await;
+
+    step(
+        9,
         "An impostor holding a certificate from another CA tries to join as \"paris\".",
     );
     let rogue_ca = ClusterCa::generate("rogue")?;
@@ -164,7 +261,7 @@ pub(crate) async fn run() -> Result<()> {
     ok("london counted one refused handshake and kept its two real links");
 
     step(
-        7,
+        10,
         "berlin shuts down; london is told at once, and berlin's global names go with it.",
     );
     let log = berlin.spawn(|mut ctx| async move { while ctx.recv().await.is_some() {} });

@@ -1,9 +1,9 @@
 //! `rusm`: the RUSM cluster operator command.
 //!
 //! - `rusm demo`: boots three nodes on loopback in one process and shows, step by step,
-//!   authentication, the mesh, cross-node messaging by local and global name, per-pair order
-//!   and a rejected impostor. Exits 0 only
-//!   if every step did what it says.
+//!   authentication, the mesh, cross-node messaging by local and global name, per-pair order,
+//!   remote spawn and a call, a monitor firing on a kill, an attach report and a rejected
+//!   impostor. Exits 0 only if every step did what it says.
 //! - `rusm bench`: cross-node throughput and round trip on both backends, each next to a raw
 //!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
 //! - `rusm bench-mesh`: how fast nodes joining through one member form the full mesh and agree
@@ -12,7 +12,10 @@
 //!   directory: create it, issue a node its certificate and key, revoke one, list them.
 //! - `rusm node --name NAME --listen ADDR --certs DIR [--connect PEER@ADDR ...]
 //!   [--config FILE.toml]`: runs one node until Ctrl-C or SIGTERM, then shuts it down cleanly.
+//! - `rusm attach NAME@ADDR --certs DIR [--watch] [--json]`: a live look inside a running node,
+//!   as a hidden node holding an identity the cluster trusts (`rusm ca issue ops`).
 
+mod attach;
 mod bench;
 mod ca;
 mod demo;
@@ -46,6 +49,8 @@ enum Command {
     /// Run one node until Ctrl-C or SIGTERM, then shut it down cleanly (peers see it go at
     /// once).
     Node(node_cmd::NodeArgs),
+    /// Look inside a running node: processes, names, peers, counters (tables, --watch, --json).
+    Attach(attach::AttachArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,6 +88,7 @@ fn main() -> std::process::ExitCode {
             Command::BenchMesh(args) => mesh_bench::run(args).await,
             Command::Ca(args) => ca::run(args),
             Command::Node(args) => node_cmd::run(args).await,
+            Command::Attach(args) => attach::run(args).await,
         }
     });
     match result {
