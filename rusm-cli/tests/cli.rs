@@ -403,3 +403,102 @@ fn nodes_link_refuse_a_revoked_one_and_stop_on_sigterm() {
         assert!(!node.stderr().contains("panicked"), "{}", node.stderr());
     }
 }
+
+#[test]
+fn attach_reports_a_running_node_and_refuses_strangers() {
+    let tmp = TempDir::new("attach");
+    let dir = tmp.0.as_path();
+    ok(dir, &["ca", "init", "--dir", "certs"]);
+    for name in ["london", "rome", "ops"] {
+        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
+    }
+    let london_addr = format!("127.0.0.1:{}", free_port());
+    let mut london = NodeProc::spawn(
+        dir,
+        &[
+            "node",
+            "--name",
+            "london",
+            "--listen",
+            &london_addr,
+            "--certs",
+            "certs",
+        ],
+    );
+    london.wait_line("listening on", Duration::from_secs(10));
+    let rome_addr = format!("127.0.0.1:{}", free_port());
+    let mut rome = NodeProc::spawn(
+        dir,
+        &[
+            "node",
+            "--name",
+            "rome",
+            "--listen",
+            &rome_addr,
+            "--certs",
+            "certs",
+            "--connect",
+            &format!("london@{london_addr}"),
+        ],
+    );
+    rome.wait_line("linked to", Duration::from_secs(10));
+
+    // JSON for scripts.
+    let target = format!("london@{london_addr}");
+    let json = ok(dir, &["attach", &target, "--certs", "certs", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json).expect("one JSON report");
+    assert_eq!(report["node"], "london");
+    assert_eq!(report["listen"], london_addr.as_str());
+    let peers = report["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{json}");
+    assert_eq!(peers[0]["name"], "rome");
+    assert_eq!(peers[0]["addr"], rome_addr.as_str());
+    assert_eq!(
+        report["attached"], 1,
+        "the attach client itself, and not as a peer"
+    );
+    assert!(
+        report["counters"]["links_up"].as_u64().unwrap() >= 2,
+        "{json}"
+    );
+    assert!(report["uptime_ms"].as_u64().is_some());
+
+    // Tables for people.
+    let table = ok(dir, &["attach", &target, "--certs", "certs", "--as", "ops"]);
+    assert!(table.starts_with("node london (creation "), "{table}");
+    for section in ["PROCESSES", "NAMES", "PEERS", "COUNTERS"] {
+        assert!(table.contains(section), "{section} missing: {table}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("rome ")), "{table}");
+
+    // Strangers: a certificate from another CA, no such identity, no node name.
+    ok(dir, &["ca", "init", "--dir", "other"]);
+    ok(dir, &["ca", "issue", "ops", "--dir", "other"]);
+    std::fs::copy(dir.join("certs/ca.pem"), dir.join("other/ca.pem")).unwrap();
+    std::fs::copy(dir.join("certs/crl.pem"), dir.join("other/crl.pem")).unwrap();
+    let refused = fails(dir, &["attach", &target, "--certs", "other"]);
+    assert!(
+        refused.contains("cannot attach to london") && refused.contains("rejected"),
+        "{refused}"
+    );
+    let unknown = fails(
+        dir,
+        &["attach", &target, "--certs", "certs", "--as", "nobody"],
+    );
+    assert!(unknown.contains("nobody"), "{unknown}");
+    let nameless = fails(dir, &["attach", &london_addr, "--certs", "certs"]);
+    assert!(
+        nameless.contains("NAME@ADDR") || nameless.contains("PEER@ADDR"),
+        "{nameless}"
+    );
+
+    rome.sigterm();
+    london.sigterm();
+    for node in [&mut rome, &mut london] {
+        assert!(
+            node.wait_exit(Duration::from_secs(5)).success(),
+            "{}",
+            node.stderr()
+        );
+    }
+}
