@@ -37,6 +37,8 @@ macro_rules! matrix {
             case!(shared_identity_cluster_works);
             case!(large_and_small_messages_flow_together);
             case!(silent_peer_is_declared_down);
+            case!(a_lost_link_reconnects_by_itself);
+            case!(a_restarted_peer_replaces_its_stale_link);
             case!(half_sent_large_message_does_not_block_small_ones);
             case!(lost_notice_releases_the_pair);
             case!(coalescing_keeps_order_and_loses_nothing);

@@ -61,6 +61,12 @@ pub struct LinkTable {
     pub shutting_down: bool,
     /// This node keeps that peer cut off.
     pub blocked: bool,
+    /// The link up is to an *earlier incarnation* of the dialler (its `creation` is less than
+    /// the hello's): the dialler restarted, and its new link replaces the stale one.
+    pub replaceable: bool,
+    /// The link up is to a *later incarnation* of the dialler than the hello's: the hello comes
+    /// from a stale incarnation, which must not disturb the live link.
+    pub superseded: bool,
 }
 
 /// What the dialler makes of the listener's answer to its hello.
@@ -174,7 +180,10 @@ pub fn admit(local: &NodeName, peer: &NodeName, table: LinkTable) -> Result<(), 
     if table.blocked {
         return Err(RejectReason::Blocked);
     }
-    if table.linked || (table.dialling && own_dial_wins(local, peer)) {
+    if table.linked && table.superseded {
+        return Err(RejectReason::StaleIncarnation);
+    }
+    if (table.linked && !table.replaceable) || (table.dialling && own_dial_wins(local, peer)) {
         return Err(RejectReason::DuplicateLink);
     }
     Ok(())
@@ -426,6 +435,19 @@ mod tests {
             ..free
         };
         assert_eq!(admit(&a, &b, blocked), Err(RejectReason::Blocked));
+        // A restarted dialler's hello replaces the stale link; anything else does not.
+        let restarted = LinkTable {
+            linked: true,
+            replaceable: true,
+            ..free
+        };
+        assert_eq!(admit(&a, &b, restarted), Ok(()));
+        let stale = LinkTable {
+            linked: true,
+            superseded: true,
+            ..free
+        };
+        assert_eq!(admit(&a, &b, stale), Err(RejectReason::StaleIncarnation));
     }
 
     #[test]

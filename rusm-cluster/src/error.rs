@@ -34,6 +34,15 @@ pub enum Error {
         /// Its current owner.
         pid: Pid,
     },
+    /// The pid belongs to an earlier incarnation of its node (the node restarted since): the
+    /// process is gone.
+    #[error("{pid} is from an earlier incarnation of its node (now {current})")]
+    StalePid {
+        /// The pid asked for.
+        pid: Pid,
+        /// The node's current incarnation.
+        current: u64,
+    },
     /// The global name is held by a process on another node (only its owner's node may
     /// unregister it).
     #[error("global name {name:?} belongs to {owner}, on another node")]

@@ -68,7 +68,9 @@ pub use capability::Capability;
 pub use error::{Error, SendError};
 #[cfg(any(feature = "quinn", feature = "s2n"))]
 pub use node::DefaultTransport;
-pub use node::{Coalescing, DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo};
+pub use node::{
+    Coalescing, DownReason, Node, NodeBuilder, NodeConfig, NodeEvent, PeerInfo, Reconnect,
+};
 pub use pid::Pid;
 pub use process::{Message, MonitorRef, Notice, Process};
 pub use rusm_cluster_core::identity::{

@@ -72,6 +72,33 @@ pub struct NodeConfig {
     /// How long [`Node::spawn_remote`] and [`Node::attach_report`] wait for the peer's answer.
     /// Default 5 s.
     pub request_timeout: Duration,
+    /// Reconnecting to a peer whose link was lost (timed out, or the connection failed; not
+    /// after a goodbye, a block or a protocol violation). `None` turns it off. Default on.
+    pub reconnect: Option<Reconnect>,
+}
+
+/// How a node reconnects to a peer whose link was lost: it dials the peer's listen address
+/// after `first_backoff`, doubling the wait after each failure up to `max_backoff`, until a
+/// link is up (its own or the peer's), the peer refuses, or `give_up_after` has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconnect {
+    /// The wait before the first dial. Default 50 ms.
+    pub first_backoff: Duration,
+    /// The longest wait between dials. Default 2 s.
+    pub max_backoff: Duration,
+    /// How long to keep trying. Default 60 s.
+    pub give_up_after: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            give_up_after: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Opt-in coalescing: a link queues outgoing messages and one writer per link carries the
@@ -124,6 +151,7 @@ impl Default for NodeConfig {
             inbound: InboundConfig::default(),
             coalescing: None,
             request_timeout: Duration::from_secs(5),
+            reconnect: Some(Reconnect::default()),
         }
     }
 }
@@ -162,6 +190,9 @@ pub enum DownReason {
     ProtocolViolation(String),
     /// This node shut down.
     Shutdown,
+    /// The peer restarted: a new incarnation of it linked, and its link replaced this stale
+    /// one (sends still in flight on it failed).
+    PeerRestarted,
     /// The peer sent a frame of a capability the link does not use (it, or this node, did not
     /// announce it); we closed the link.
     CapabilityRefused(RouteError),
@@ -178,6 +209,9 @@ impl fmt::Display for DownReason {
             DownReason::ConnectionLost(r) => write!(f, "connection lost: {r}"),
             DownReason::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
             DownReason::Shutdown => f.write_str("this node shut down"),
+            DownReason::PeerRestarted => {
+                f.write_str("the peer restarted (a new incarnation linked)")
+            }
             DownReason::PeerMisbehaved(why) => write!(f, "peer misbehaved: {why}"),
             DownReason::CapabilityRefused(why) => write!(f, "protocol violation: {why}"),
         }
@@ -1056,6 +1090,24 @@ impl Node {
                 payload,
             ));
         };
+        if let Dest::Pid { creation, .. } = &to {
+            if *creation != link.peer_creation() {
+                return Err(SendError::new(
+                    Error::StalePid {
+                        pid: Pid {
+                            node: node.clone(),
+                            id: match &to {
+                                Dest::Pid { id, .. } => *id,
+                                _ => 0,
+                            },
+                            creation: *creation,
+                        },
+                        current: link.peer_creation(),
+                    },
+                    payload,
+                ));
+            }
+        }
         let max = link
             .peer_max_message
             .min(self.inner.config.limits.max_message_size);

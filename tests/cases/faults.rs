@@ -24,13 +24,18 @@ use super::*;
 pub struct Path {
     /// The address the dialler dials to reach the listener over this path.
     pub dial: SocketAddr,
-    cut: Box<dyn Fn() + Send + Sync>,
+    cut: Box<dyn Fn(bool) + Send + Sync>,
 }
 
 impl Path {
     /// Cuts the path: from now on nothing crosses it, either way.
     pub fn cut(&self) {
-        (self.cut)()
+        (self.cut)(true)
+    }
+
+    /// Restores the path.
+    pub fn restore(&self) {
+        (self.cut)(false)
     }
 }
 
@@ -56,7 +61,13 @@ impl CutPath for MemTransport {
     async fn path(dialler: SocketAddr, listener: SocketAddr) -> Path {
         Path {
             dial: listener,
-            cut: Box::new(move || MemNetwork::cut(dialler, listener)),
+            cut: Box::new(move |cut| {
+                if cut {
+                    MemNetwork::cut(dialler, listener)
+                } else {
+                    MemNetwork::restore(dialler, listener)
+                }
+            }),
         }
     }
 }
@@ -88,7 +99,7 @@ async fn relay(server: SocketAddr) -> Path {
     });
     Path {
         dial: addr,
-        cut: Box::new(move || cut.store(true, Ordering::Relaxed)),
+        cut: Box::new(move |on| cut.store(on, Ordering::Relaxed)),
     }
 }
 
@@ -96,6 +107,8 @@ fn quick_liveness() -> NodeConfig {
     let mut c = NodeConfig::default();
     c.tuning.idle_timeout = Duration::from_millis(1500);
     c.tuning.keep_alive_interval = Duration::from_millis(300);
+    // These cases watch a link stay down; reconnecting has cases of its own.
+    c.reconnect = None;
     c
 }
 
@@ -160,4 +173,130 @@ pub async fn silent_peer_is_declared_down<T: CutPath>() {
             .error,
         Error::NotConnected { .. }
     ));
+}
+
+/// A lost link (cable cut) comes back by itself once the path is restored: the peers reconnect
+/// with backoff, and messages flow again.
+pub async fn a_lost_link_reconnects_by_itself<T: CutPath>() {
+    let ca = ClusterCa::generate("faults").unwrap();
+    let mut config = quick_liveness();
+    config.reconnect = Some(rusm_cluster::Reconnect::default());
+    let start = |name: &'static str| {
+        NodeBuilder::<T>::new(name)
+            .identity(ca.issue(name).unwrap())
+            .trust(ca.trust())
+            .config(config.clone())
+            .start()
+    };
+    let london = start("london").await.unwrap();
+    let paris = start("paris").await.unwrap();
+    let path = T::path(paris.local_addr(), london.local_addr()).await;
+    paris.connect("london", path.dial).await.unwrap();
+    let (p, mut inbox) = collector(&london);
+    london.register("inbox", &p).unwrap();
+    let mut events = paris.subscribe();
+    path.cut();
+    match next_down(&mut events).await {
+        NodeEvent::NodeDown { reason, .. } => assert_eq!(reason, DownReason::TimedOut),
+        other => panic!("{other:?}"),
+    }
+    path.restore();
+    let restored = Instant::now();
+    wait_until(|| paris.peers().len() == 1 && london.peers().len() == 1).await;
+    assert!(
+        restored.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        restored.elapsed()
+    );
+    assert_eq!(
+        paris.peers()[0].creation,
+        london.creation(),
+        "the same incarnation"
+    );
+    paris
+        .send("london", "inbox", Bytes::from_static(b"again"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut inbox).await.payload().as_ref(), b"again");
+    paris.shutdown().await;
+    london.shutdown().await;
+}
+
+/// A node that restarts while its peer still holds the old link (the old incarnation vanished
+/// without a word): the new incarnation's hello replaces the stale link at once, pids of the
+/// old incarnation get a typed error, and names follow the new one.
+pub async fn a_restarted_peer_replaces_its_stale_link<T: CutPath>() {
+    let ca = ClusterCa::generate("faults").unwrap();
+    let start = |name: &'static str| {
+        NodeBuilder::<T>::new(name)
+            .identity(ca.issue(name).unwrap())
+            .trust(ca.trust())
+            .config(quick_liveness())
+            .start()
+    };
+    let old = start("london").await.unwrap();
+    let paris = start("paris").await.unwrap();
+    let path = T::path(paris.local_addr(), old.local_addr()).await;
+    paris.connect("london", path.dial).await.unwrap();
+    let (old_pid, _old_inbox) = collector(&old);
+    paris
+        .send_to(&old_pid, Bytes::from_static(b"hi"))
+        .await
+        .unwrap();
+    // The old incarnation vanishes without a goodbye: paris still holds its link.
+    path.cut();
+    let mut events = paris.subscribe();
+    let new = start("london").await.unwrap();
+    assert_ne!(new.creation(), old.creation());
+    let (svc, mut at_svc) = collector(&new);
+    new.register_global("svc", &svc).await.unwrap();
+    let dialled = Instant::now();
+    new.connect("paris", paris.local_addr()).await.unwrap();
+    wait_until(|| paris.peers().iter().any(|p| p.creation == new.creation())).await;
+    let took = dialled.elapsed();
+    assert!(took < Duration::from_secs(1), "relinked after {took:?}");
+    match next_down(&mut events).await {
+        NodeEvent::NodeDown { node, reason } => {
+            assert_eq!(node.as_str(), "london");
+            assert_eq!(reason, DownReason::PeerRestarted);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(paris.peers().len(), 1);
+    // A pid of the old incarnation: a typed error, the payload back.
+    let err = paris
+        .send_to(&old_pid, Bytes::from_static(b"stale"))
+        .await
+        .unwrap_err();
+    match &err.error {
+        Error::StalePid { pid, current } => {
+            assert_eq!(pid, &old_pid);
+            assert_eq!(*current, new.creation());
+        }
+        other => panic!("expected StalePid, got {other}"),
+    }
+    assert_eq!(err.payload, Bytes::from_static(b"stale"));
+    // Names follow the new incarnation.
+    wait_until(|| paris.whereis_global("svc") == Some(svc.clone())).await;
+    paris
+        .send_global("svc", Bytes::from_static(b"new"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut at_svc).await.payload().as_ref(), b"new");
+    // The old incarnation, once it sees its link gone, cannot take it back.
+    wait_until(|| old.peers().is_empty()).await;
+    path.restore();
+    match old.connect("paris", paris.local_addr()).await {
+        Err(Error::Rejected { reason, .. }) => {
+            assert_eq!(
+                reason,
+                rusm_cluster::core::wire::RejectReason::StaleIncarnation
+            )
+        }
+        r => panic!("expected Rejected(StaleIncarnation), got {r:?}"),
+    }
+    assert_eq!(paris.peers()[0].creation, new.creation());
+    for n in [&paris, &new, &old] {
+        n.shutdown().await;
+    }
 }

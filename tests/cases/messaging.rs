@@ -160,7 +160,8 @@ pub async fn remote_unknown_name_is_a_counted_dead_letter<T: Transport>() {
         .await
         .unwrap();
     wait_until(|| london.stats().dead_letters == 1).await;
-    // A pid from an earlier incarnation of london is recognisably stale: a dead letter too.
+    // A pid from an earlier incarnation of london is recognisably stale: refused by the sender
+    // with a typed error and the payload back.
     let (old_pid, _inbox) = collector(&london);
     london.shutdown().await;
     let london2 = NodeBuilder::<T>::new("london")
@@ -175,10 +176,15 @@ pub async fn remote_unknown_name_is_a_counted_dead_letter<T: Transport>() {
     // Same name, same number: only the creation tells them apart.
     let (new_pid, mut inbox) = collector(&london2);
     assert_eq!(new_pid.id(), old_pid.id());
-    paris
+    let err = paris
         .send_to(&old_pid, Bytes::from_static(b"stale"))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        matches!(&err.error, Error::StalePid { pid, current } if pid == &old_pid && *current == london2.creation()),
+        "{err}"
+    );
+    assert_eq!(err.payload, Bytes::from_static(b"stale"));
     paris
         .send_to(&new_pid, Bytes::from_static(b"fresh"))
         .await
@@ -187,7 +193,7 @@ pub async fn remote_unknown_name_is_a_counted_dead_letter<T: Transport>() {
         recv(&mut inbox).await.payload(),
         &Bytes::from_static(b"fresh")
     );
-    wait_until(|| london2.stats().dead_letters == 1).await;
+    assert_eq!(london2.stats().dead_letters, 0);
 }
 
 pub async fn peer_shutdown_raises_node_down_and_sends_fail<T: Transport>() {

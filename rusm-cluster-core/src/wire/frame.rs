@@ -104,6 +104,9 @@ pub enum RejectReason {
     /// The listener keeps the dialler cut off (an operator or a test blocked it, as with
     /// Erlang's `disconnect_node`).
     Blocked,
+    /// The listener is linked to a later incarnation of the dialler's name: the dialler is a
+    /// stale incarnation (it restarted elsewhere since).
+    StaleIncarnation,
     /// The first frame was not a hello, or could not be decoded.
     BadHandshake(String),
     /// The TLS handshake was refused (untrusted, revoked or wrong-name certificate, ALPN): the
@@ -132,6 +135,9 @@ impl fmt::Display for RejectReason {
             }
             RejectReason::ShuttingDown => f.write_str("node is shutting down"),
             RejectReason::Blocked => f.write_str("the node keeps this peer cut off"),
+            RejectReason::StaleIncarnation => {
+                f.write_str("a later incarnation of this node is linked already")
+            }
             RejectReason::BadHandshake(why) => write!(f, "bad handshake: {why}"),
             RejectReason::Tls(why) => write!(f, "TLS handshake refused: {why}"),
             RejectReason::Other(why) => f.write_str(why),
@@ -170,6 +176,7 @@ impl RejectReason {
             RejectReason::IdentityModeMismatch,
             RejectReason::ShuttingDown,
             RejectReason::Blocked,
+            RejectReason::StaleIncarnation,
         ]
         .into_iter()
         .find(|r| r.to_string() == text)

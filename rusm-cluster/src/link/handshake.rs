@@ -218,19 +218,47 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
         FrameRead::Transport(_) | FrameRead::Eof => return,
     };
     // Checked against the link table and registered under one lock, so two dials between the
-    // same nodes cannot both be kept.
-    let registered = hello.and_then(|hello| {
-        let mut links = lock(&inner.links);
-        let table = LinkTable {
-            linked: links.up.contains_key(&hello.name),
-            dialling: links.dialling.contains(&hello.name),
-            shutting_down: links.shut_down,
-            blocked: links.blocked.contains(&hello.name),
-        };
-        admit(&intro.name, &hello.name, table)?;
-        let registered = register(&node, &mut links, &conn, &hello);
-        Ok((hello, registered))
-    });
+    // same nodes cannot both be kept. A hello from a new incarnation of a linked peer (it
+    // restarted) replaces the stale link: that one is torn down first (its capabilities hear of
+    // its end before the new link is announced), then the table is checked again.
+    let mut replaced = false;
+    let registered = loop {
+        let attempt = hello.clone().and_then(|hello| {
+            let mut links = lock(&inner.links);
+            let stale = links
+                .up
+                .get(&hello.name)
+                .filter(|l| l.peer_creation() < hello.creation)
+                .cloned();
+            let table = LinkTable {
+                linked: links.up.contains_key(&hello.name),
+                dialling: links.dialling.contains(&hello.name),
+                shutting_down: links.shut_down,
+                blocked: links.blocked.contains(&hello.name),
+                replaceable: stale.is_some() && !replaced,
+                superseded: links
+                    .up
+                    .get(&hello.name)
+                    .is_some_and(|l| l.peer_creation() > hello.creation),
+            };
+            admit(&intro.name, &hello.name, table)?;
+            if let Some(stale) = stale {
+                return Ok(Err(stale));
+            }
+            let registered = register(&node, &mut links, &conn, &hello);
+            Ok(Ok((hello, registered)))
+        });
+        match attempt {
+            Ok(Err(stale)) => {
+                info!(node = %inner.name, peer = %stale.peer, "peer restarted; replacing its stale link");
+                stale.close_with(DownReason::PeerRestarted);
+                stale.wait_finished(DRAIN).await;
+                replaced = true;
+            }
+            Ok(Ok(r)) => break Ok(r),
+            Err(e) => break Err(e),
+        }
+    };
     let (hello, (link, rx)) = match registered {
         Ok(r) => r,
         Err(reason) => {
@@ -309,6 +337,7 @@ fn hello_refusal_key(reason: &RejectReason) -> &'static str {
         RejectReason::IdentityModeMismatch => "hello: identity mode mismatch",
         RejectReason::ShuttingDown => "hello: shutting down",
         RejectReason::Blocked => "hello: blocked",
+        RejectReason::StaleIncarnation => "hello: stale incarnation",
         RejectReason::BadHandshake(_) => "hello: bad handshake",
         _ => "hello: other",
     }

@@ -146,6 +146,17 @@ impl LinkHandle {
         self.aborted.notify_one();
     }
 
+    /// Waits (up to `limit`) until the link's teardown has run.
+    pub(crate) async fn wait_finished(&self, limit: Duration) {
+        let finished = self.finished.notified();
+        tokio::pin!(finished);
+        finished.as_mut().enable();
+        if self.is_finished.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, finished).await;
+    }
+
     /// Queues a control frame for the peer; `NotConnected` once the link is down.
     pub(crate) fn send_frame(&self, frame: Frame) -> Result<(), Error> {
         self.control.send(frame).map_err(|_| Error::NotConnected {
@@ -431,12 +442,55 @@ async fn run_link<C: Connection>(
     route.flush(inner, &link);
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
     info!(node = %inner.name, peer = %link.peer, %reason, "link down");
+    let lost = matches!(reason, DownReason::TimedOut | DownReason::ConnectionLost(_));
     let _ = inner.events.send(NodeEvent::NodeDown {
         node: link.peer.clone(),
         reason,
     });
     link.is_finished.store(true, Ordering::Release);
     link.finished.notify_waiters();
+    if lost && !link.hidden {
+        reconnect(&node, link.peer.clone(), link.listen_addr);
+    }
+}
+
+/// Dials a peer whose link was lost, with backoff (see [`crate::Reconnect`]), until a link to
+/// it is up, it refuses, or the configured time has passed.
+fn reconnect(node: &Node, peer: NodeName, addr: SocketAddr) {
+    let Some(cfg) = node.inner.config.reconnect else {
+        return;
+    };
+    if node.inner.intro.hidden {
+        return;
+    }
+    let weak = Arc::downgrade(&node.inner);
+    tokio::spawn(async move {
+        let give_up = Instant::now() + cfg.give_up_after;
+        let mut delay = cfg.first_backoff;
+        while Instant::now() < give_up {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(cfg.max_backoff);
+            let Some(inner) = weak.upgrade() else { return };
+            let node = Node { inner };
+            if !node.should_dial(&peer) {
+                // Linked again (by either side), blocked, or shutting down.
+                return;
+            }
+            match node.connect(peer.as_str(), addr).await {
+                Ok(()) => {
+                    info!(node = %node.name(), %peer, %addr, "reconnected");
+                    return;
+                }
+                Err(e @ (Error::Rejected { .. } | Error::Shutdown | Error::Config(_))) => {
+                    info!(node = %node.name(), %peer, error = %e, "reconnect refused; giving up");
+                    return;
+                }
+                Err(e) => {
+                    debug!(node = %node.name(), %peer, error = %e, "reconnect failed; retrying")
+                }
+            }
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
