@@ -502,3 +502,84 @@ fn attach_reports_a_running_node_and_refuses_strangers() {
         );
     }
 }
+
+/// kill -9 a node and start it again on the same address at once: its peer, still holding the
+/// dead link, takes the new incarnation's link within a second.
+#[test]
+fn a_node_killed_and_restarted_is_relinked_within_a_second() {
+    let tmp = TempDir::new("restart");
+    let dir = tmp.0.as_path();
+    ok(dir, &["ca", "init", "--dir", "certs"]);
+    for name in ["london", "rome", "ops"] {
+        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
+    }
+    let london_addr = format!("127.0.0.1:{}", free_port());
+    let mut london = NodeProc::spawn(
+        dir,
+        &[
+            "node",
+            "--name",
+            "london",
+            "--listen",
+            &london_addr,
+            "--certs",
+            "certs",
+        ],
+    );
+    london.wait_line("listening on", Duration::from_secs(10));
+    let rome_addr = format!("127.0.0.1:{}", free_port());
+    let connect = format!("london@{london_addr}");
+    let rome_args = [
+        "node",
+        "--name",
+        "rome",
+        "--listen",
+        &rome_addr,
+        "--certs",
+        "certs",
+        "--connect",
+        &connect,
+    ];
+    let mut rome = NodeProc::spawn(dir, &rome_args);
+    rome.wait_line("linked to", Duration::from_secs(10));
+    let target = format!("london@{london_addr}");
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(dir, &["attach", &target, "--certs", "certs", "--json"])).unwrap()
+    };
+    let before = report(dir)["peers"][0]["creation"].as_u64().unwrap();
+
+    // kill -9: no goodbye; london still holds the dead link.
+    let status = Command::new("kill")
+        .arg("-KILL")
+        .arg(rome.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    rome.wait_exit(Duration::from_secs(5));
+    let mut rome = NodeProc::spawn(dir, &rome_args);
+    rome.wait_line("listening on", Duration::from_secs(10));
+    let listening = Instant::now();
+    rome.wait_line("linked to", Duration::from_secs(10));
+    let linked = listening.elapsed();
+    let after = report(dir);
+    let peers = after["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{after}");
+    assert_eq!(peers[0]["name"], "rome");
+    assert_ne!(
+        peers[0]["creation"].as_u64().unwrap(),
+        before,
+        "the new incarnation"
+    );
+    println!("restarted rome linked to london {linked:?} after it listened");
+    assert!(linked < Duration::from_secs(1), "relinked after {linked:?}");
+
+    rome.sigterm();
+    london.sigterm();
+    for node in [&mut rome, &mut london] {
+        assert!(
+            node.wait_exit(Duration::from_secs(5)).success(),
+            "{}",
+            node.stderr()
+        );
+    }
+}
