@@ -39,6 +39,7 @@ macro_rules! matrix {
             case!(silent_peer_is_declared_down);
             case!(a_lost_link_reconnects_by_itself);
             case!(a_restarted_peer_replaces_its_stale_link);
+            case!(revoking_a_connected_peer_closes_its_link);
             case!(half_sent_large_message_does_not_block_small_ones);
             case!(lost_notice_releases_the_pair);
             case!(coalescing_keeps_order_and_loses_nothing);

@@ -266,7 +266,12 @@ async fn run_node(
         println!("node {name} linked to {peer} at {addr}");
     }
 
-    let signal = stop.recv().await;
+    let signal = loop {
+        match stop.next().await {
+            Signal::Stop(signal) => break signal,
+            Signal::Reload => reload_trust(&node, &settings.certs),
+        }
+    };
     tracing::info!(signal, "stopping: saying goodbye to every peer");
     tokio::select! {
         () = node.shutdown() => {}
@@ -274,6 +279,30 @@ async fn run_node(
     }
     println!("node {name} shut down ({signal})");
     Ok(())
+}
+
+/// SIGHUP: reads `ca.pem` and `crl.pem` again and gives the node the trust they hold; links to
+/// peers no longer trusted (a revoked certificate) close at once. A file that cannot be read
+/// leaves the trust as it was, and says why.
+fn reload_trust(node: &Node, certs: &Path) {
+    let name = node.name();
+    match load_trust(certs).and_then(|t| node.set_trust(t).map_err(|e| flat("refused", e))) {
+        Ok(closed) if closed.is_empty() => {
+            println!("node {name} reloaded its trust from {}", certs.display())
+        }
+        Ok(closed) => {
+            let closed: Vec<String> = closed.iter().map(|n| n.to_string()).collect();
+            println!(
+                "node {name} reloaded its trust from {}; closed the links to {} (no longer trusted)",
+                certs.display(),
+                closed.join(", ")
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "trust not reloaded; the old trust stays");
+            println!("node {name} kept its trust: {e:#}");
+        }
+    }
 }
 
 /// Links to `peer` at `addr`, retrying with backoff while it does not answer or the network
@@ -296,6 +325,14 @@ async fn connect(node: &Node, peer: &str, addr: SocketAddr, patience: Duration) 
     }
 }
 
+/// A signal the node acts on.
+enum Signal {
+    /// Stop, after the named signal.
+    Stop(&'static str),
+    /// SIGHUP: reload the trust.
+    Reload,
+}
+
 /// The signals that stop the node: SIGINT (Ctrl-C) and SIGTERM on unix, Ctrl-C elsewhere.
 /// Created before the node starts, so a signal that arrives early is held until read.
 struct StopSignals {
@@ -303,6 +340,9 @@ struct StopSignals {
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    /// SIGHUP: reload the trust (not a stop).
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -314,25 +354,36 @@ impl StopSignals {
             Ok(StopSignals {
                 interrupt: listen(SignalKind::interrupt())?,
                 terminate: listen(SignalKind::terminate())?,
+                hangup: listen(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
         Ok(StopSignals {})
     }
 
-    /// Waits for the next stop signal; its name.
+    /// Waits for the next stop signal; its name. (A SIGHUP meanwhile is not acted on.)
     async fn recv(&mut self) -> &'static str {
+        loop {
+            if let Signal::Stop(signal) = self.next().await {
+                return signal;
+            }
+        }
+    }
+
+    /// Waits for the next signal: a stop, or (on unix) SIGHUP.
+    async fn next(&mut self) -> Signal {
         #[cfg(unix)]
         {
             tokio::select! {
-                _ = self.interrupt.recv() => "SIGINT",
-                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => Signal::Stop("SIGINT"),
+                _ = self.terminate.recv() => Signal::Stop("SIGTERM"),
+                _ = self.hangup.recv() => Signal::Reload,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
-            "Ctrl-C"
+            Signal::Stop("Ctrl-C")
         }
     }
 }

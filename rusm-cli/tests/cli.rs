@@ -583,3 +583,82 @@ fn a_node_killed_and_restarted_is_relinked_within_a_second() {
         );
     }
 }
+
+/// SIGHUP makes a running node read its CA and CRL again: a peer revoked meanwhile loses its
+/// link at once, and a broken CRL file leaves the trust as it was.
+#[test]
+fn sighup_reloads_the_crl_and_cuts_a_revoked_peer() {
+    let tmp = TempDir::new("sighup");
+    let dir = tmp.0.as_path();
+    ok(dir, &["ca", "init", "--dir", "certs"]);
+    for name in ["london", "rome"] {
+        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
+    }
+    let london_addr = format!("127.0.0.1:{}", free_port());
+    let mut london = NodeProc::spawn(
+        dir,
+        &[
+            "node",
+            "--name",
+            "london",
+            "--listen",
+            &london_addr,
+            "--certs",
+            "certs",
+        ],
+    );
+    london.wait_line("listening on", Duration::from_secs(10));
+    let connect = format!("london@{london_addr}");
+    let mut rome = NodeProc::spawn(
+        dir,
+        &[
+            "node",
+            "--name",
+            "rome",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            "certs",
+            "--connect",
+            &connect,
+        ],
+    );
+    rome.wait_line("linked to", Duration::from_secs(10));
+    let hup = |node: &NodeProc| {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(node.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // Nothing revoked yet: reloaded, nothing closed.
+    hup(&london);
+    let line = london.wait_line("reloaded its trust", Duration::from_secs(5));
+    assert!(!line.contains("closed"), "{line}");
+    // A broken CRL: the old trust stays.
+    let crl = dir.join("certs/crl.pem");
+    let good = std::fs::read(&crl).unwrap();
+    std::fs::write(&crl, b"not a crl").unwrap();
+    hup(&london);
+    london.wait_line("kept its trust", Duration::from_secs(5));
+    std::fs::write(&crl, good).unwrap();
+    // Revoke rome, reload: its link closes at once.
+    ok(dir, &["ca", "revoke", "rome", "--dir", "certs"]);
+    hup(&london);
+    let line = london.wait_line("closed the links", Duration::from_secs(5));
+    assert!(
+        line.ends_with("closed the links to rome (no longer trusted)"),
+        "{line}"
+    );
+
+    rome.sigterm();
+    london.sigterm();
+    for node in [&mut rome, &mut london] {
+        assert!(
+            node.wait_exit(Duration::from_secs(5)).success(),
+            "{}",
+            node.stderr()
+        );
+    }
+}

@@ -160,10 +160,26 @@ pub struct EndpointConfig {
     pub identity: Identity,
     /// Whom to trust (roots and CRLs).
     pub trust: TrustAnchor,
+    /// When given, the endpoint verifies peers against this live trust instead of `trust`, so
+    /// its owner can change whom it trusts while it runs (new handshakes use the change).
+    pub live_trust: Option<std::sync::Arc<crate::tls::LiveTrust>>,
     /// The UDP address to bind (port 0 picks a free port).
     pub listen: SocketAddr,
     /// Stream credit, windows, keep-alive.
     pub tuning: TransportTuning,
+}
+
+impl EndpointConfig {
+    /// The trust the endpoint's TLS configs verify against: the live one when given, else a
+    /// fixed one made from `trust`.
+    pub fn trust_handle(
+        &self,
+    ) -> Result<std::sync::Arc<crate::tls::LiveTrust>, crate::tls::TlsError> {
+        match &self.live_trust {
+            Some(live) => Ok(live.clone()),
+            None => crate::tls::LiveTrust::new(&self.trust),
+        }
+    }
 }
 
 /// A QUIC endpoint that dials and accepts mutually authenticated connections.

@@ -190,6 +190,9 @@ pub enum DownReason {
     ProtocolViolation(String),
     /// This node shut down.
     Shutdown,
+    /// This node no longer trusts the peer's certificate ([`Node::set_trust`]: revoked, or
+    /// from a CA no longer trusted); we closed the link.
+    TrustRevoked(String),
     /// The peer restarted: a new incarnation of it linked, and its link replaced this stale
     /// one (sends still in flight on it failed).
     PeerRestarted,
@@ -209,6 +212,7 @@ impl fmt::Display for DownReason {
             DownReason::ConnectionLost(r) => write!(f, "connection lost: {r}"),
             DownReason::ProtocolViolation(r) => write!(f, "protocol violation: {r}"),
             DownReason::Shutdown => f.write_str("this node shut down"),
+            DownReason::TrustRevoked(why) => write!(f, "peer no longer trusted: {why}"),
             DownReason::PeerRestarted => {
                 f.write_str("the peer restarted (a new incarnation linked)")
             }
@@ -336,6 +340,8 @@ pub(crate) struct NodeInner {
     pub(crate) started: std::time::Instant,
     /// Refused handshakes and hellos, by reason.
     pub(crate) refusals: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Whom the node trusts, changeable while it runs ([`Node::set_trust`]).
+    pub(crate) trust: Arc<rusm_cluster_core::tls::LiveTrust>,
 }
 
 impl NodeInner {
@@ -541,7 +547,10 @@ impl<T: Transport> NodeBuilder<T> {
                 )));
             }
         }
+        let live_trust =
+            rusm_cluster_core::tls::LiveTrust::new(&trust).map_err(|e| Error::Tls(Arc::new(e)))?;
         let transport = Arc::new(T::bind(EndpointConfig {
+            live_trust: Some(live_trust.clone()),
             identity: identity.clone(),
             trust,
             listen: self.listen,
@@ -579,6 +588,7 @@ impl<T: Transport> NodeBuilder<T> {
                 registry,
                 rpc,
                 started: std::time::Instant::now(),
+                trust: live_trust,
                 refusals: Mutex::new(Default::default()),
             }),
         };
@@ -1503,6 +1513,47 @@ impl Node {
             && !links.up.contains_key(peer)
             && !links.dialling.contains(peer)
             && !links.blocked.contains(peer)
+    }
+
+    /// Changes whom this node trusts while it runs (for example a CA's new CRL, from
+    /// [`ClusterCa::trust`](crate::ClusterCa::trust) after a revocation): every handshake from
+    /// now on is checked against `trust`, and every established link whose peer's certificate
+    /// no longer passes (revoked, or from a CA no longer trusted) is closed with
+    /// [`DownReason::TrustRevoked`]; such a peer's reconnects are refused in the handshake.
+    /// Returns the peers whose links were closed.
+    ///
+    /// Errors: [`Error::Tls`] when `trust` holds no usable root (the old trust stays in force).
+    ///
+    /// ```
+    /// # use rusm_cluster::{ClusterCa, Node};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut ca = ClusterCa::generate("demo")?;
+    /// let paris_id = ca.issue("paris")?;
+    /// let london = Node::builder("london").identity(ca.issue("london")?).trust(ca.trust()).start().await?;
+    /// let paris = Node::builder("paris").identity(paris_id.clone()).trust(ca.trust()).start().await?;
+    /// paris.connect("london", london.local_addr()).await?;
+    /// ca.revoke(paris_id.serial());
+    /// let closed = london.set_trust(ca.trust())?;
+    /// assert_eq!(closed[0].as_str(), "paris");
+    /// # paris.shutdown().await; london.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn set_trust(&self, trust: TrustAnchor) -> Result<Vec<NodeName>, Error> {
+        self.inner
+            .trust
+            .set(&trust)
+            .map_err(|e| Error::Tls(Arc::new(e)))?;
+        let links: Vec<Arc<LinkHandle>> = lock(&self.inner.links).up.values().cloned().collect();
+        let mut closed = Vec::new();
+        for link in links {
+            if let Err(why) = self.inner.trust.check_peer(link.peer_leaf()) {
+                tracing::warn!(node = %self.inner.name, peer = %link.peer, %why, "peer no longer trusted; closing its link");
+                link.close_with(DownReason::TrustRevoked(why));
+                closed.push(link.peer.clone());
+            }
+        }
+        closed.sort();
+        Ok(closed)
     }
 
     /// Closes `peer`'s link with a goodbye; no error if there is none.

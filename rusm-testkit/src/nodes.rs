@@ -119,6 +119,7 @@ pub async fn linked_pair<T: Transport>(
 /// 127.0.0.1 (default tuning): a raw QUIC peer, below the node layer.
 pub fn bind_endpoint<T: Transport>(id: Identity, ca: &ClusterCa) -> Result<T, TransportError> {
     T::bind(EndpointConfig {
+        live_trust: None,
         identity: id,
         trust: ca.trust(),
         listen: ([127, 0, 0, 1], 0).into(),

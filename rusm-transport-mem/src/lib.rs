@@ -57,6 +57,7 @@
 //! let ca = ClusterCa::generate("doc").unwrap();
 //! let bind = |name: &str| {
 //!     MemTransport::bind(EndpointConfig {
+//!         live_trust: None,
 //!         identity: ca.issue(name).unwrap(),
 //!         trust: ca.trust(),
 //!         listen: "127.0.0.1:0".parse().unwrap(),
@@ -184,10 +185,11 @@ impl Transport for MemTransport {
     const NAME: &'static str = "mem";
 
     fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
+        let live = config.trust_handle().map_err(TransportError::setup)?;
         let server =
-            tls::server_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::server_config_live(&config.identity, &live).map_err(TransportError::setup)?;
         let client =
-            tls::client_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::client_config_live(&config.identity, &live).map_err(TransportError::setup)?;
         let ep = network::bind(config.listen, |addr| {
             Arc::new(Endpoint {
                 addr,

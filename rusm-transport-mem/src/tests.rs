@@ -14,6 +14,7 @@ use crate::{MemConnection, MemNetwork, MemTransport};
 
 fn bind_at(id: Identity, ca: &ClusterCa, listen: &str, tuning: TransportTuning) -> MemTransport {
     MemTransport::bind(EndpointConfig {
+        live_trust: None,
         identity: id,
         trust: ca.trust(),
         listen: listen.parse().unwrap(),
@@ -422,6 +423,7 @@ async fn an_address_is_bound_once_and_free_again_after_close() {
     let first = bind_at(ca.issue("a").unwrap(), &ca, at, TransportTuning::default());
     assert_eq!(addr(&first), at.parse().unwrap());
     let clash = MemTransport::bind(EndpointConfig {
+        live_trust: None,
         identity: ca.issue("b").unwrap(),
         trust: ca.trust(),
         listen: at.parse().unwrap(),

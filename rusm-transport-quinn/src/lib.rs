@@ -13,6 +13,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let ca = ClusterCa::generate("doc").unwrap();
 //! let t = QuinnTransport::bind(EndpointConfig {
+//!     live_trust: None,
 //!     identity: ca.issue("london").unwrap(),
 //!     trust: ca.trust(),
 //!     listen: "127.0.0.1:0".parse().unwrap(),
@@ -80,10 +81,11 @@ impl core::Transport for QuinnTransport {
 
     fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
         let transport = transport_config(&config.tuning)?;
+        let live = config.trust_handle().map_err(TransportError::setup)?;
         let server_tls =
-            tls::server_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::server_config_live(&config.identity, &live).map_err(TransportError::setup)?;
         let client_tls =
-            tls::client_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::client_config_live(&config.identity, &live).map_err(TransportError::setup)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server_tls).map_err(TransportError::setup)?,
         ));

@@ -35,6 +35,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let ca = ClusterCa::generate("doc").unwrap();
 //! let t = S2nTransport::bind(EndpointConfig {
+//!     live_trust: None,
 //!     identity: ca.issue("london").unwrap(),
 //!     trust: ca.trust(),
 //!     listen: "127.0.0.1:0".parse().unwrap(),
@@ -156,10 +157,11 @@ impl core::Transport for S2nTransport {
 
     fn bind(config: EndpointConfig) -> Result<Self, TransportError> {
         let limits = limits(&config.tuning)?;
+        let live = config.trust_handle().map_err(TransportError::setup)?;
         let server_tls =
-            tls::server_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::server_config_live(&config.identity, &live).map_err(TransportError::setup)?;
         let client_tls =
-            tls::client_config(&config.identity, &config.trust).map_err(TransportError::setup)?;
+            tls::client_config_live(&config.identity, &live).map_err(TransportError::setup)?;
 
         // Each endpoint gets its own slot: the subscriber and the formatter that share it must
         // run on the same endpoint task (see `ReasonFormatter`).

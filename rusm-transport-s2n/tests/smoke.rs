@@ -20,6 +20,7 @@ async fn within<F: Future>(f: F) -> F::Output {
 
 fn endpoint(identity: Identity, ca: &ClusterCa) -> S2nTransport {
     S2nTransport::bind(EndpointConfig {
+        live_trust: None,
         identity,
         trust: ca.trust(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -415,6 +416,7 @@ async fn relayed_pair() -> (
     let ca = ClusterCa::generate("smoke").unwrap();
     let bind = |name: &str| {
         S2nTransport::bind(EndpointConfig {
+            live_trust: None,
             identity: ca.issue(name).unwrap(),
             trust: ca.trust(),
             listen: "127.0.0.1:0".parse().unwrap(),

@@ -1,5 +1,6 @@
 //! Authentication: untrusted, revoked and impostor peers are refused, with clear reasons.
 
+use bytes::Bytes;
 use rusm_cluster::core::identity::{TrustAnchor, SHARED_IDENTITY_NAME};
 use rusm_cluster::core::transport::{
     close_code, Connection, EndpointConfig, RecvStream, SendStream, Transport, TransportError,
@@ -8,7 +9,7 @@ use rusm_cluster::core::transport::{
 use rusm_cluster::core::wire::{
     encode_frame, Frame, FrameDecoder, Hello, RejectReason, PROTOCOL_VERSION,
 };
-use rusm_cluster::{ClusterCa, Error, Identity, NodeBuilder};
+use rusm_cluster::{ClusterCa, DownReason, Error, Identity, NodeBuilder};
 
 use super::*;
 
@@ -205,6 +206,7 @@ async fn hello_over_tls<T: Transport>(
     name: &str,
 ) -> (Option<Frame>, TransportError) {
     let endpoint = T::bind(EndpointConfig {
+        live_trust: None,
         identity,
         trust,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -309,4 +311,69 @@ pub async fn shared_and_ca_identities_do_not_mix<T: Transport>() {
     assert!(c.peers().is_empty());
     a.shutdown().await;
     c.shutdown().await;
+}
+
+/// Trust changed at run time: a node given a CRL that revokes a connected peer closes that
+/// link at once with a typed reason, refuses its reconnects, and keeps its other links.
+pub async fn revoking_a_connected_peer_closes_its_link<T: Transport>() {
+    let mut ca = ClusterCa::generate("test").unwrap();
+    let paris_id = ca.issue("paris").unwrap();
+    let london = node::<T>(&ca, "london").await;
+    let paris = NodeBuilder::<T>::new("paris")
+        .identity(paris_id.clone())
+        .trust(ca.trust())
+        .start()
+        .await
+        .unwrap();
+    let rome = node::<T>(&ca, "rome").await;
+    paris.connect("london", london.local_addr()).await.unwrap();
+    rome.connect("london", london.local_addr()).await.unwrap();
+    wait_until(|| london.peers().len() == 2).await;
+    let mut events = london.subscribe();
+
+    // Unusable trust: refused, and the old trust stays in force.
+    assert!(matches!(
+        london.set_trust(TrustAnchor::default()),
+        Err(Error::Tls(_))
+    ));
+    assert_eq!(london.peers().len(), 2);
+
+    ca.revoke(paris_id.serial());
+    let closed = london.set_trust(ca.trust()).unwrap();
+    assert_eq!(closed, ["paris"]);
+    match next_down(&mut events).await {
+        NodeEvent::NodeDown { node, reason } => {
+            assert_eq!(node.as_str(), "paris");
+            assert!(
+                matches!(&reason, DownReason::TrustRevoked(why) if why.contains("Revoked")),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Paris's own reconnects are refused in the handshake; rome's link is undisturbed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        london
+            .peers()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect::<Vec<_>>(),
+        ["rome"]
+    );
+    match paris.connect("london", london.local_addr()).await {
+        Err(Error::Rejected { reason, .. }) => {
+            assert!(
+                reason.to_string().to_lowercase().contains("revoked"),
+                "{reason}"
+            )
+        }
+        r => panic!("expected Rejected, got {r:?}"),
+    }
+    let (inbox, mut at_inbox) = collector(&london);
+    london.register("inbox", &inbox).unwrap();
+    rome.send("london", "inbox", Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut at_inbox).await.payload().as_ref(), b"still here");
 }

@@ -93,6 +93,8 @@ pub(crate) struct LinkHandle {
     pairs_in: AtomicUsize,
     /// The members the peer listed in its hello or welcome (the mesh dials them).
     pub(crate) intro_peers: Vec<PeerAddr>,
+    /// The certificate the peer presented (checked again when the node's trust changes).
+    peer_leaf: rusm_cluster_core::rustls::pki_types::CertificateDer<'static>,
     /// Where the peer accepts links (what the mesh tells others): the address its hello or
     /// welcome gave, with the connection's IP when that address is unspecified, or the
     /// connection's address when it gave none. Not always the connection's own address: a
@@ -144,6 +146,13 @@ impl LinkHandle {
     pub(crate) fn close_with(&self, reason: DownReason) {
         lock(&self.abort).get_or_insert(reason);
         self.aborted.notify_one();
+    }
+
+    /// The certificate the peer presented in the handshake.
+    pub(crate) fn peer_leaf(
+        &self,
+    ) -> &rusm_cluster_core::rustls::pki_types::CertificateDer<'static> {
+        &self.peer_leaf
     }
 
     /// Waits (up to `limit`) until the link's teardown has run.
@@ -295,6 +304,7 @@ fn register<C: Connection>(
         hidden: intro.hidden,
         pairs_in: AtomicUsize::new(0),
         intro_peers: intro.peers.clone(),
+        peer_leaf: conn.peer_identity().leaf.clone(),
         listen_addr: match intro.listen_addr {
             Some(a) if a.ip().is_unspecified() => {
                 SocketAddr::new(conn.remote_addr().ip(), a.port())
@@ -405,6 +415,7 @@ async fn run_link<C: Connection>(
         DownReason::ProtocolViolation(_)
         | DownReason::CapabilityRefused(_)
         | DownReason::PeerMisbehaved(_) => close_code::PROTOCOL,
+        DownReason::TrustRevoked(_) => close_code::REJECTED,
         _ => close_code::NORMAL,
     };
     conn.close(code, reason.to_string().as_bytes());
