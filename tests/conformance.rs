@@ -40,6 +40,7 @@ macro_rules! matrix {
             case!(a_lost_link_reconnects_by_itself);
             case!(a_restarted_peer_replaces_its_stale_link);
             case!(revoking_a_connected_peer_closes_its_link);
+            case!(a_connection_flood_holds_a_bounded_number_of_places);
             case!(half_sent_large_message_does_not_block_small_ones);
             case!(lost_notice_releases_the_pair);
             case!(coalescing_keeps_order_and_loses_nothing);

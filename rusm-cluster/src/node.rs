@@ -63,6 +63,12 @@ pub struct NodeConfig {
     pub link_budget_bytes: usize,
     /// How long dialling plus the hello exchange may take.
     pub handshake_timeout: Duration,
+    /// Incoming connections that may be in their handshake (TLS, then the hello) at once.
+    /// Beyond it, new connections are refused at once (counted in `rejected_handshakes`, reason
+    /// "flood: too many handshakes in progress"), so a flood of connections that never say hello
+    /// holds at most this many for at most `handshake_timeout`; established links are not
+    /// affected. Default 64.
+    pub max_pending_handshakes: usize,
     /// How long a peer may leave a gap in a pair's numbers, or keep the link budget spent on
     /// unfinished messages, before its link is closed with [`DownReason::PeerMisbehaved`].
     pub inbound: InboundConfig,
@@ -148,6 +154,7 @@ impl Default for NodeConfig {
             mailbox_capacity: 1024,
             link_budget_bytes: 16 << 20,
             handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 64,
             inbound: InboundConfig::default(),
             coalescing: None,
             request_timeout: Duration::from_secs(5),
@@ -342,6 +349,8 @@ pub(crate) struct NodeInner {
     pub(crate) refusals: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Whom the node trusts, changeable while it runs ([`Node::set_trust`]).
     pub(crate) trust: Arc<rusm_cluster_core::tls::LiveTrust>,
+    /// Places for incoming connections in their handshake ([`NodeConfig::max_pending_handshakes`]).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeInner {
@@ -547,6 +556,7 @@ impl<T: Transport> NodeBuilder<T> {
                 )));
             }
         }
+        let pending_handshakes = self.config.max_pending_handshakes.max(1);
         let live_trust =
             rusm_cluster_core::tls::LiveTrust::new(&trust).map_err(|e| Error::Tls(Arc::new(e)))?;
         let transport = Arc::new(T::bind(EndpointConfig {
@@ -589,6 +599,7 @@ impl<T: Transport> NodeBuilder<T> {
                 rpc,
                 started: std::time::Instant::now(),
                 trust: live_trust,
+                handshakes: Arc::new(tokio::sync::Semaphore::new(pending_handshakes)),
                 refusals: Mutex::new(Default::default()),
             }),
         };

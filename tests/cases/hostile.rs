@@ -220,3 +220,84 @@ pub async fn oversized_stream_is_stopped_by_receiver<T: Transport>() {
     assert_eq!(london.peers().len(), 2);
     let _ = close_code::NORMAL;
 }
+
+/// A flood of connections that finish TLS and never say hello holds at most
+/// `max_pending_handshakes` places, each for at most the handshake timeout; the rest are refused
+/// at once and counted, an established link keeps delivering, and a real node links once the
+/// flood is gone.
+pub async fn a_connection_flood_holds_a_bounded_number_of_places<T: Transport>() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let mut config = rusm_cluster::NodeConfig::default();
+    config.max_pending_handshakes = 4;
+    config.handshake_timeout = std::time::Duration::from_secs(2);
+    let london = rusm_testkit::start_node::<T>(&ca, "london", config)
+        .await
+        .unwrap();
+    let paris = node::<T>(&ca, "paris").await;
+    paris.connect("london", london.local_addr()).await.unwrap();
+    let (inbox, mut at_inbox) = collector(&london);
+    london.register("inbox", &inbox).unwrap();
+
+    // 12 clients with trusted certificates that finish TLS and never send a hello.
+    let addr = london.local_addr();
+    let flood: Vec<_> = (0..12)
+        .map(|i| {
+            let id = ca.issue(&format!("flood{i}")).unwrap();
+            let ca = &ca;
+            async move {
+                let endpoint: T = raw_endpoint(id, ca);
+                let conn = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    endpoint.connect(addr, "london"),
+                )
+                .await;
+                (endpoint, conn)
+            }
+        })
+        .collect();
+    let held = futures_util::future::join_all(flood).await;
+    // The established link delivers all along.
+    paris
+        .send("london", "inbox", Bytes::from_static(b"during the flood"))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut at_inbox).await.payload().as_ref(),
+        b"during the flood"
+    );
+    let refused = || {
+        london
+            .report()
+            .refusals
+            .get("flood: too many handshakes in progress")
+            .copied()
+            .unwrap_or(0)
+    };
+    let counted = refused();
+    assert!(counted >= 1, "{:?}", london.report().refusals);
+    // Counted as refused handshakes too (read after: that counter moves first).
+    assert!(london.stats().rejected_handshakes >= counted);
+    // The ones admitted are dropped at the hello timeout; then a real node links.
+    wait_until(|| {
+        london
+            .report()
+            .refusals
+            .get("hello: none in time")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    let rome = node::<T>(&ca, "rome").await;
+    within(async {
+        loop {
+            if rome.connect("london", addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(london.peers().iter().any(|p| p.name.as_str() == "rome"));
+    drop(held);
+}

@@ -159,11 +159,27 @@ pub(crate) async fn dial<T: Transport>(
 pub(crate) async fn accept_loop<T: Transport>(node: Weak<NodeInner>, transport: Arc<T>) {
     while let Some(incoming) = transport.accept().await {
         let Some(inner) = node.upgrade() else { break };
-        tokio::spawn(accept_one::<T>(Node { inner }, incoming));
+        // Bounded: a flood of connections that never finish their hello holds a fixed number
+        // of places; past that, new ones are refused at once (dropping one refuses it).
+        let Ok(place) = inner.handshakes.clone().try_acquire_owned() else {
+            inner
+                .stats
+                .rejected_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            inner.count_refusal("flood: too many handshakes in progress");
+            debug!(node = %inner.name, "incoming connection refused: too many handshakes in progress");
+            drop(incoming);
+            continue;
+        };
+        tokio::spawn(accept_one::<T>(Node { inner }, incoming, place));
     }
 }
 
-pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) {
+pub(super) async fn accept_one<T: Transport>(
+    node: Node,
+    incoming: T::Incoming,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
     let inner = &node.inner;
     let timeout = inner.config.handshake_timeout;
     let conn = match tokio::time::timeout(timeout, incoming).await {
@@ -275,6 +291,8 @@ pub(super) async fn accept_one<T: Transport>(node: Node, incoming: T::Incoming) 
             reason: e.to_string(),
         }),
     };
+    // The handshake is over: its place is free for the next.
+    drop(place);
     announce_up(&node, &link);
     if let Err(e) = sent {
         // The dialler vanished mid-handshake: the link comes down at once, with NodeDown.
