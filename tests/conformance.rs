@@ -94,6 +94,16 @@ mod mixed {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn s2n_refused_by_quinn_reads_the_same() {
+        crate::cases::mixed_refusals_read_the_same::<S2nTransport, QuinnTransport>().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quinn_refused_by_s2n_reads_the_same() {
+        crate::cases::mixed_refusals_read_the_same::<QuinnTransport, S2nTransport>().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn quinn_and_s2n_form_one_mesh() {
         crate::cases::mixed_mesh_with_global_names::<QuinnTransport, S2nTransport>().await
     }

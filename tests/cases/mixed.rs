@@ -124,3 +124,45 @@ pub async fn mixed_mesh_with_global_names<A: Transport, B: Transport>() {
     }
     futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
 }
+
+/// A node on backend `A` whose certificate the listener on backend `B` refuses (revoked, or
+/// from another CA) gets `Rejected` with the TLS reason, promptly, every time.
+pub async fn mixed_refusals_read_the_same<A: Transport, B: Transport>() {
+    let mut ca = ClusterCa::generate("mixed").unwrap();
+    let listener = NodeBuilder::<B>::new("beta")
+        .identity(ca.issue("beta").unwrap())
+        .trust(ca.trust())
+        .start()
+        .await
+        .unwrap();
+    let revoked_id = ca.issue("gamma").unwrap();
+    ca.revoke(revoked_id.serial());
+    listener.set_trust(ca.trust()).unwrap();
+    let rogue = ClusterCa::generate("mixed").unwrap();
+    for (name, id, alert) in [
+        ("gamma", revoked_id, CERTIFICATE_REVOKED),
+        ("delta", rogue.issue("delta").unwrap(), DECRYPT_ERROR),
+    ] {
+        let dialler = NodeBuilder::<A>::new(name)
+            .identity(id)
+            .trust(ca.trust())
+            .start()
+            .await
+            .unwrap();
+        for attempt in 0..3 {
+            let started = std::time::Instant::now();
+            let err = dialler
+                .connect("beta", listener.local_addr())
+                .await
+                .unwrap_err();
+            assert_tls_refusal(&err, "beta", alert);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{name} attempt {attempt}: refused after {:?}",
+                started.elapsed()
+            );
+        }
+        dialler.shutdown().await;
+    }
+    listener.shutdown().await;
+}
