@@ -276,10 +276,14 @@ impl<M: InboundMessage> Inbound<M> {
                 self.check_pairs();
                 Counted::default()
             }
-            Placed::Late => Counted {
-                lost: 1,
-                ..Counted::default()
-            },
+            Placed::Late => {
+                // A late number may still have made a pair (a number 0, say).
+                self.check_pairs();
+                Counted {
+                    lost: 1,
+                    ..Counted::default()
+                }
+            }
         }
     }
 
@@ -327,6 +331,8 @@ impl<M: InboundMessage> Inbound<M> {
         let before = out.len();
         let ahead = !self.reorder.is_next(&key, seq);
         let news = self.reorder.on_lost(&key, seq, out);
+        // A notice for a pair never seen makes one: it counts against the cap too.
+        self.check_pairs();
         if !news {
             return false;
         }
@@ -372,6 +378,8 @@ impl<M: InboundMessage> Inbound<M> {
         if self.retired_ids.insert(from) {
             self.retired.push_back((now, from));
         }
+        // A retirement naming pairs never seen makes them: they count against the cap too.
+        self.check_pairs();
     }
 
     /// How many pairs the link keeps state for.

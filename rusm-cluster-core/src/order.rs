@@ -311,7 +311,12 @@ impl<K: Hash + Eq + Clone, M> Reorder<K, M> {
     /// The link is gone: releases every held message, in order per pair, onto `out`, and returns
     /// how many messages were never seen (the gaps they waited behind).
     pub fn drain(&mut self, out: &mut Vec<M>) -> u64 {
-        let missing = self.pairs.drain().map(|(_, pair)| pair.drain(out)).sum();
+        // Saturating: a hostile peer can leave gaps near 2^64 in several pairs.
+        let missing = self
+            .pairs
+            .drain()
+            .map(|(_, pair)| pair.drain(out))
+            .fold(0u64, u64::saturating_add);
         self.held = 0;
         missing
     }

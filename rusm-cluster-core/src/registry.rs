@@ -94,7 +94,7 @@ pub fn encode_update(update: &Update) -> bytes::Bytes {
 
 /// Decodes a capability frame's body. Never panics on any input.
 pub fn decode_update(body: &[u8]) -> Result<Update, String> {
-    rmp_serde::from_slice(body).map_err(|e| format!("malformed update: {e}"))
+    crate::wire::decode_msgpack(body).map_err(|e| format!("malformed update: {e}"))
 }
 
 /// A registration as the node sees it: who owns the name, and the claim's place in the
@@ -301,7 +301,8 @@ impl Registry {
             }
             return Err(RegisterError::Taken(owner.clone()));
         }
-        self.clock = wall_micros.max(self.clock + 1);
+        // Saturating: a peer's stamp may be anything, u64::MAX included.
+        self.clock = wall_micros.max(self.clock.saturating_add(1));
         let claim = Claim {
             name: name.to_string(),
             pid,

@@ -74,6 +74,6 @@ impl Report {
 
     /// Decodes a report. Never panics on any input.
     pub fn decode(body: &[u8]) -> Result<Report, String> {
-        rmp_serde::from_slice(body).map_err(|e| format!("malformed report: {e}"))
+        crate::wire::decode_msgpack(body).map_err(|e| format!("malformed report: {e}"))
     }
 }

@@ -153,7 +153,7 @@ pub fn encode(frame: &RpcFrame) -> Bytes {
 
 /// Decodes a capability frame's body. Never panics on any input.
 pub fn decode(body: &[u8]) -> Result<RpcFrame, String> {
-    rmp_serde::from_slice(body).map_err(|e| format!("malformed rpc frame: {e}"))
+    crate::wire::decode_msgpack(body).map_err(|e| format!("malformed rpc frame: {e}"))
 }
 
 /// How a pending request ended, when it did not end with its reply.

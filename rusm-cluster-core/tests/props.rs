@@ -39,8 +39,10 @@
 //! `PROPTEST_RNG_SEED=$RANDOM PROPTEST_CASES=20000 cargo test -p rusm-cluster-core --test props`.
 //! Longer, coverage-guided runs are the cargo-fuzz targets in `fuzz/` at the repository root.
 //!
-//! Properties that found a real bug are `#[ignore]`d with the bug named (see the end of the
-//! file); run them with `-- --ignored`.
+//! The properties and cases named `bug_*` found real bugs (a lost count overflowing at link
+//! down, pairs made past `max_pairs` by lost notices and retirements, the registry clock
+//! overflowing on a peer's stamp, deep MessagePack nesting overflowing a debug stack); the
+//! library now passes them, and they stay as regression tests.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -1128,7 +1130,8 @@ fn check_reorder(ops: &[OrderOp], keys: u8) -> Result<(), TestCaseError> {
     let mut out = Vec::new();
     let missing = r.drain(&mut out);
     let (want, want_missing) = model.drain();
-    prop_assert_eq!(u128::from(missing), want_missing);
+    // The count saturates at u64::MAX (gaps near 2^64 in several pairs would overflow it).
+    prop_assert_eq!(u128::from(missing), want_missing.min(u128::from(u64::MAX)));
     for (k, msgs) in want {
         let got: Vec<(u8, u64)> = out.iter().copied().filter(|m| m.0 == k).collect();
         prop_assert_eq!(got, msgs);
@@ -2174,7 +2177,6 @@ proptest! {
     /// overflows (a panic in debug builds, a wrong count in release) when two pairs hold a
     /// message far ahead, as a hostile peer can arrange with two messages.
     #[test]
-    #[ignore = "bug: Reorder::drain's lost count overflows over several far pairs"]
     fn bug_drain_count_overflows_over_several_far_pairs(ops in order_ops(4, u64::MAX)) {
         check_reorder(&ops, 4)?;
     }
@@ -2183,7 +2185,6 @@ proptest! {
     /// streams and retirements create pairs for any (sender, destination) without that check,
     /// so a peer keeps unbounded per-link state with `Lost` or `Retire` frames alone.
     #[test]
-    #[ignore = "bug: lost notices and retirements create pairs past max_pairs"]
     fn bug_inbound_pairs_stay_within_max_pairs(ops in inbound_ops(1 << 60)) {
         check_inbound(&ops, true)?;
     }
@@ -2192,7 +2193,6 @@ proptest! {
     /// the peers' stamps: after a peer's claim stamped `u64::MAX`, the next local registration
     /// overflows (a panic in debug builds, the clock wrapping to the wall clock in release).
     #[test]
-    #[ignore = "bug: a peer's stamp of u64::MAX overflows the registry clock"]
     fn bug_a_peer_stamp_of_u64_max_overflows_the_clock(
         ops in registry_ops(prop_oneof![0u64..(1 << 62), Just(u64::MAX)]),
     ) {
@@ -2214,7 +2214,6 @@ fn far_msg(from: u64, seq: u64, id: usize) -> Msg {
 }
 
 #[test]
-#[ignore = "bug: Reorder::drain's lost count overflows over several far pairs"]
 fn bug_two_far_messages_then_link_down_overflow_the_lost_count() {
     // Two messages, each the only one of its pair, numbered just under u64::MAX; the link goes
     // down. Each pair's gap is u64::MAX - 2 numbers; their sum overflows in order.rs `drain`.
@@ -2229,7 +2228,6 @@ fn bug_two_far_messages_then_link_down_overflow_the_lost_count() {
 }
 
 #[test]
-#[ignore = "bug: lost notices and retirements create pairs past max_pairs"]
 fn bug_lost_notices_and_retirements_keep_pairs_past_the_cap() {
     let mut config = InboundConfig::default();
     config.max_pairs = 100;
@@ -2261,13 +2259,11 @@ fn bug_lost_notices_and_retirements_keep_pairs_past_the_cap() {
 /// (`{"Hello": {"zz": [[[...]]]}}`, 800 deep) overflows a 2 MiB tokio worker's stack and aborts
 /// the node. Release builds stay within 128 KiB at the full 1024 levels.
 #[test]
-#[ignore = "bug: deeply nested MessagePack overflows a 2 MiB stack in debug builds"]
 fn bug_deep_nesting_overflows_a_2_mib_stack_in_debug_builds() {
     nested_bodies_are_refused(&[800, 1000, 1023, 1024, 1025, 5000]);
 }
 
 #[test]
-#[ignore = "bug: a peer's stamp of u64::MAX overflows the registry clock"]
 fn bug_a_claim_stamped_u64_max_then_a_local_registration() {
     let peer = NodeName::new("p0").unwrap();
     let mut reg = Registry::new(NodeName::new("me").unwrap(), 1, RegistryConfig::default());

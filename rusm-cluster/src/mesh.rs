@@ -164,8 +164,8 @@ impl Capability for MeshCapability {
     }
 
     fn on_frame(&self, node: &Node, _peer: &NodeName, body: Bytes) -> Result<(), String> {
-        let members: Vec<PeerAddr> =
-            rmp_serde::from_slice(&body).map_err(|e| format!("malformed member list: {e}"))?;
+        let members: Vec<PeerAddr> = rusm_cluster_core::wire::decode_msgpack(&body)
+            .map_err(|e| format!("malformed member list: {e}"))?;
         if members.len() > MAX_MEMBERS {
             return Err(format!("{} members in one frame", members.len()));
         }

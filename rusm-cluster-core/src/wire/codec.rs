@@ -93,7 +93,7 @@ impl FrameDecoder {
         }
         self.buf.advance(4);
         let body = self.buf.split_to(len);
-        rmp_serde::from_slice(&body)
+        super::decode_msgpack(&body)
             .map(Some)
             .map_err(|e| WireError::Malformed {
                 what: "frame",

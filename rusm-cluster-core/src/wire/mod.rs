@@ -36,3 +36,18 @@ impl Default for Limits {
         }
     }
 }
+
+/// How deep MessagePack values from the network may nest. The protocol's own types nest a few
+/// levels; the decoder's default (1024) lets a 1 KiB frame recurse deep enough to overflow a
+/// task's stack in debug builds, which would abort the process, not just close the link.
+pub const MAX_MSGPACK_DEPTH: usize = 32;
+
+/// Decodes a MessagePack value from the network, nesting at most [`MAX_MSGPACK_DEPTH`] deep.
+/// Never panics on any input.
+pub fn decode_msgpack<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_MSGPACK_DEPTH);
+    T::deserialize(&mut de)
+}
