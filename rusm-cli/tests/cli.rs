@@ -404,44 +404,50 @@ fn nodes_link_refuse_a_revoked_one_and_stop_on_sigterm() {
     }
 }
 
+/// SIGTERM to each node; each must exit 0 within 5 s.
+fn stop_all(nodes: &mut [&mut NodeProc]) {
+    for node in nodes.iter() {
+        node.sigterm();
+    }
+    for node in nodes.iter_mut() {
+        let status = node.wait_exit(Duration::from_secs(5));
+        assert!(status.success(), "{status}: {}", node.stderr());
+    }
+}
+
+/// A CA in `dir/certs` with an identity for each of `names`.
+fn certs(dir: &Path, names: &[&str]) {
+    ok(dir, &["ca", "init", "--dir", "certs"]);
+    for name in names {
+        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
+    }
+}
+
+/// `rusm node NAME` on a free port of 127.0.0.1 (linked to `connect` first, if given), once it
+/// listens (and linked); the process and its address.
+fn start(dir: &Path, name: &str, connect: Option<&str>) -> (NodeProc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "node", "--name", name, "--listen", &addr, "--certs", "certs",
+    ];
+    if let Some(peer) = connect {
+        args.extend(["--connect", peer]);
+    }
+    let mut node = NodeProc::spawn(dir, &args);
+    node.wait_line("listening on", Duration::from_secs(10));
+    if connect.is_some() {
+        node.wait_line("linked to", Duration::from_secs(10));
+    }
+    (node, addr)
+}
+
 #[test]
 fn attach_reports_a_running_node_and_refuses_strangers() {
     let tmp = TempDir::new("attach");
     let dir = tmp.0.as_path();
-    ok(dir, &["ca", "init", "--dir", "certs"]);
-    for name in ["london", "rome", "ops"] {
-        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
-    }
-    let london_addr = format!("127.0.0.1:{}", free_port());
-    let mut london = NodeProc::spawn(
-        dir,
-        &[
-            "node",
-            "--name",
-            "london",
-            "--listen",
-            &london_addr,
-            "--certs",
-            "certs",
-        ],
-    );
-    london.wait_line("listening on", Duration::from_secs(10));
-    let rome_addr = format!("127.0.0.1:{}", free_port());
-    let mut rome = NodeProc::spawn(
-        dir,
-        &[
-            "node",
-            "--name",
-            "rome",
-            "--listen",
-            &rome_addr,
-            "--certs",
-            "certs",
-            "--connect",
-            &format!("london@{london_addr}"),
-        ],
-    );
-    rome.wait_line("linked to", Duration::from_secs(10));
+    certs(dir, &["london", "rome", "ops"]);
+    let (mut london, london_addr) = start(dir, "london", None);
+    let (mut rome, rome_addr) = start(dir, "rome", Some(&format!("london@{london_addr}")));
 
     // JSON for scripts.
     let target = format!("london@{london_addr}");
@@ -492,15 +498,7 @@ fn attach_reports_a_running_node_and_refuses_strangers() {
         "{nameless}"
     );
 
-    rome.sigterm();
-    london.sigterm();
-    for node in [&mut rome, &mut london] {
-        assert!(
-            node.wait_exit(Duration::from_secs(5)).success(),
-            "{}",
-            node.stderr()
-        );
-    }
+    stop_all(&mut [&mut rome, &mut london]);
 }
 
 /// kill -9 a node and start it again on the same address at once: its peer, still holding the
@@ -509,24 +507,8 @@ fn attach_reports_a_running_node_and_refuses_strangers() {
 fn a_node_killed_and_restarted_is_relinked_within_a_second() {
     let tmp = TempDir::new("restart");
     let dir = tmp.0.as_path();
-    ok(dir, &["ca", "init", "--dir", "certs"]);
-    for name in ["london", "rome", "ops"] {
-        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
-    }
-    let london_addr = format!("127.0.0.1:{}", free_port());
-    let mut london = NodeProc::spawn(
-        dir,
-        &[
-            "node",
-            "--name",
-            "london",
-            "--listen",
-            &london_addr,
-            "--certs",
-            "certs",
-        ],
-    );
-    london.wait_line("listening on", Duration::from_secs(10));
+    certs(dir, &["london", "rome", "ops"]);
+    let (mut london, london_addr) = start(dir, "london", None);
     let rome_addr = format!("127.0.0.1:{}", free_port());
     let connect = format!("london@{london_addr}");
     let rome_args = [
@@ -573,15 +555,7 @@ fn a_node_killed_and_restarted_is_relinked_within_a_second() {
     println!("restarted rome linked to london {linked:?} after it listened");
     assert!(linked < Duration::from_secs(1), "relinked after {linked:?}");
 
-    rome.sigterm();
-    london.sigterm();
-    for node in [&mut rome, &mut london] {
-        assert!(
-            node.wait_exit(Duration::from_secs(5)).success(),
-            "{}",
-            node.stderr()
-        );
-    }
+    stop_all(&mut [&mut rome, &mut london]);
 }
 
 /// SIGHUP makes a running node read its CA and CRL again: a peer revoked meanwhile loses its
@@ -590,40 +564,9 @@ fn a_node_killed_and_restarted_is_relinked_within_a_second() {
 fn sighup_reloads_the_crl_and_cuts_a_revoked_peer() {
     let tmp = TempDir::new("sighup");
     let dir = tmp.0.as_path();
-    ok(dir, &["ca", "init", "--dir", "certs"]);
-    for name in ["london", "rome"] {
-        ok(dir, &["ca", "issue", name, "--dir", "certs"]);
-    }
-    let london_addr = format!("127.0.0.1:{}", free_port());
-    let mut london = NodeProc::spawn(
-        dir,
-        &[
-            "node",
-            "--name",
-            "london",
-            "--listen",
-            &london_addr,
-            "--certs",
-            "certs",
-        ],
-    );
-    london.wait_line("listening on", Duration::from_secs(10));
-    let connect = format!("london@{london_addr}");
-    let mut rome = NodeProc::spawn(
-        dir,
-        &[
-            "node",
-            "--name",
-            "rome",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            "certs",
-            "--connect",
-            &connect,
-        ],
-    );
-    rome.wait_line("linked to", Duration::from_secs(10));
+    certs(dir, &["london", "rome"]);
+    let (mut london, london_addr) = start(dir, "london", None);
+    let (mut rome, _) = start(dir, "rome", Some(&format!("london@{london_addr}")));
     let hup = |node: &NodeProc| {
         let status = Command::new("kill")
             .arg("-HUP")
@@ -652,13 +595,5 @@ fn sighup_reloads_the_crl_and_cuts_a_revoked_peer() {
         "{line}"
     );
 
-    rome.sigterm();
-    london.sigterm();
-    for node in [&mut rome, &mut london] {
-        assert!(
-            node.wait_exit(Duration::from_secs(5)).success(),
-            "{}",
-            node.stderr()
-        );
-    }
+    stop_all(&mut [&mut rome, &mut london]);
 }

@@ -1058,19 +1058,23 @@ impl Node {
         self.send_remote(from, &pid.node, to, payload).await
     }
 
+    /// The mailbox of local process `pid`, if it lives (and is of this incarnation).
+    fn mailbox_of(&self, pid: &Pid) -> Option<Mailbox> {
+        if pid.creation != self.inner.creation {
+            return None;
+        }
+        read(&self.inner.processes)
+            .get(&pid.id)
+            .map(|s| s.mailbox.clone())
+    }
+
     async fn send_local(
         &self,
         from: Option<&Pid>,
         pid: &Pid,
         payload: Bytes,
     ) -> Result<(), SendError> {
-        let mailbox = (pid.creation == self.inner.creation)
-            .then(|| {
-                read(&self.inner.processes)
-                    .get(&pid.id)
-                    .map(|s| s.mailbox.clone())
-            })
-            .flatten();
+        let mailbox = self.mailbox_of(pid);
         let no_process = || Error::NoProcess { pid: pid.clone() };
         let Some(mailbox) = mailbox else {
             self.inner
@@ -1357,13 +1361,7 @@ impl Node {
         payload: Bytes,
         reply: ReplyTo,
     ) -> Result<(), ReplyTo> {
-        let mailbox = (pid.creation == self.inner.creation)
-            .then(|| {
-                read(&self.inner.processes)
-                    .get(&pid.id)
-                    .map(|s| s.mailbox.clone())
-            })
-            .flatten();
+        let mailbox = self.mailbox_of(pid);
         let Some(mailbox) = mailbox else {
             return Err(reply);
         };
