@@ -8,6 +8,8 @@
 //!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
 //! - `rusm bench-mesh`: how fast nodes joining through one member form the full mesh and agree
 //!   on their global names.
+//! - `rusm bench-flood`: a `rusm node`'s resident memory under a flood of connections that
+//!   never say hello.
 //! - `rusm ca init|issue|revoke|list --dir DIR`: the cluster's certificate authority in a
 //!   directory: create it, issue a node its certificate and key, revoke one, list them.
 //! - `rusm node --name NAME --listen ADDR --certs DIR [--connect PEER@ADDR ...]
@@ -19,6 +21,7 @@ mod attach;
 mod bench;
 mod ca;
 mod demo;
+mod flood_bench;
 mod mesh_bench;
 mod node_cmd;
 
@@ -44,6 +47,9 @@ enum Command {
     /// Measure how fast nodes joining through one member form a full mesh and agree on their
     /// global names.
     BenchMesh(mesh_bench::MeshArgs),
+    /// Measure what a flood of connections that never say hello costs a `rusm node` (resident
+    /// memory, refusals, the answers of an established link meanwhile).
+    BenchFlood(flood_bench::FloodArgs),
     /// Manage the cluster's certificate authority in a directory: init, issue, revoke, list.
     Ca(ca::CaArgs),
     /// Run one node until Ctrl-C or SIGTERM, then shut it down cleanly (peers see it go at
@@ -86,6 +92,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(args).await,
             Command::BenchMesh(args) => mesh_bench::run(args).await,
+            Command::BenchFlood(args) => flood_bench::run(args).await,
             Command::Ca(args) => ca::run(args),
             Command::Node(args) => node_cmd::run(args).await,
             Command::Attach(args) => attach::run(args).await,

@@ -597,3 +597,26 @@ fn sighup_reloads_the_crl_and_cuts_a_revoked_peer() {
 
     stop_all(&mut [&mut rome, &mut london]);
 }
+
+/// `rusm bench-flood` runs end to end: a child `rusm node`, a flood past its 64 handshake
+/// places, the refusals counted, the established probe link answering throughout.
+#[test]
+fn bench_flood_measures_a_bounded_flood() {
+    let tmp = TempDir::new("flood");
+    let out = ok(
+        tmp.0.as_path(),
+        &[
+            "bench-flood",
+            "--connections",
+            "100",
+            "--concurrency",
+            "100",
+        ],
+    );
+    assert!(out.contains("connections that finished TLS: 64;"), "{out}");
+    assert!(
+        out.contains("refusal flood: too many handshakes in progress   36"),
+        "{out}"
+    );
+    assert!(out.contains(", 0 failed"), "{out}");
+}
