@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusm_cluster_core::identity::NodeName;
-use rusm_cluster_core::wire::{Frame, PeerAddr};
+use rusm_cluster_core::wire::PeerAddr;
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
@@ -113,13 +113,7 @@ fn send(node: &Node, peer: &NodeName, members: &[PeerAddr]) {
     let Ok(body) = rmp_serde::to_vec(members) else {
         return;
     };
-    let link = lock(&node.inner.links).up.get(peer).cloned();
-    if let Some(link) = link.filter(|l| l.capabilities.allows(CAPABILITY)) {
-        let _ = link.send_frame(Frame::Capability {
-            capability: CAPABILITY.to_string(),
-            body: Bytes::from(body),
-        });
-    }
+    let _ = node.send_capability(peer, CAPABILITY, Bytes::from(body));
 }
 
 /// The capability half of the mesh (a newtype, so the `Arc` the dial tasks need is at hand).

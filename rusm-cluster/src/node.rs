@@ -1156,10 +1156,20 @@ impl Node {
     /// Errors: [`Error::NotConnected`] when no link to `peer` is up;
     /// [`Error::CapabilityNotNegotiated`] when the link does not use `capability`.
     pub fn send_frame(&self, peer: &str, capability: &str, body: Bytes) -> Result<(), Error> {
-        let peer = NodeName::new(peer)?;
-        let link = lock(&self.inner.links).up.get(&peer).cloned();
+        self.send_capability(&NodeName::new(peer)?, capability, body)
+    }
+
+    /// [`send_frame`](Self::send_frame) to a peer named already: the one path by which the
+    /// node's own capabilities (registry, mesh, rpc) and users' send their frames.
+    pub(crate) fn send_capability(
+        &self,
+        peer: &NodeName,
+        capability: &str,
+        body: Bytes,
+    ) -> Result<(), Error> {
+        let link = lock(&self.inner.links).up.get(peer).cloned();
         let Some(link) = link else {
-            return Err(Error::NotConnected { node: peer });
+            return Err(Error::NotConnected { node: peer.clone() });
         };
         if !link.capabilities.allows(capability) {
             return Err(Error::CapabilityNotNegotiated {

@@ -11,7 +11,6 @@ use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::registry::{
     decode_update, encode_update, Output, Owner, Registry, RegistryConfig, Update, CAPABILITY,
 };
-use rusm_cluster_core::wire::Frame;
 use tracing::warn;
 
 use crate::capability::Capability;
@@ -92,15 +91,8 @@ impl GlobalRegistry {
 }
 
 fn send(node: &Node, peer: &NodeName, update: &Update) {
-    let body = encode_update(update);
-    let link = lock(&node.inner.links).up.get(peer).cloned();
     // No link: the machine hears of its end from the teardown.
-    if let Some(link) = link {
-        let _ = link.send_frame(Frame::Capability {
-            capability: CAPABILITY.to_string(),
-            body,
-        });
-    }
+    let _ = node.send_capability(peer, CAPABILITY, encode_update(update));
 }
 
 /// Tells local process `pid` it lost `name`.

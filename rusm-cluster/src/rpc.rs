@@ -20,7 +20,6 @@ use rusm_cluster_core::report::Report;
 use rusm_cluster_core::rpc::{
     self, Ended, ExitReason, Failure, Reply, Request, Requests, RpcFrame, CAPABILITY,
 };
-use rusm_cluster_core::wire::Frame;
 use tokio::sync::{oneshot, Notify};
 use tracing::debug;
 
@@ -112,14 +111,8 @@ async fn timer(rpc: Weak<Rpc>, wake: Arc<Notify>) {
 
 /// Sends an rpc frame to `peer`; `false` when no link to it is up.
 pub(crate) fn send_rpc(node: &Node, peer: &NodeName, frame: &RpcFrame) -> bool {
-    let link = lock(&node.inner.links).up.get(peer).cloned();
-    link.is_some_and(|l| {
-        l.send_frame(Frame::Capability {
-            capability: CAPABILITY.to_string(),
-            body: rpc::encode(frame),
-        })
+    node.send_capability(peer, CAPABILITY, rpc::encode(frame))
         .is_ok()
-    })
 }
 
 fn deliver_notice(node: &Node, watcher: u64, notice: Notice) {
