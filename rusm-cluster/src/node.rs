@@ -788,11 +788,7 @@ impl Node {
             Err(RegisterError::Taken(owner)) => {
                 return Err(Error::NameTaken {
                     name: name.to_string(),
-                    pid: Pid {
-                        node: owner.node,
-                        id: owner.pid,
-                        creation: owner.creation,
-                    },
+                    pid: Pid::of_owner(&owner),
                 })
             }
             Err(RegisterError::BadName(len)) => {
@@ -832,11 +828,7 @@ impl Node {
         match owner {
             Some(owner) => Err(Error::NotOwner {
                 name: name.to_string(),
-                owner: Pid {
-                    node: owner.node,
-                    id: owner.pid,
-                    creation: owner.creation,
-                },
+                owner: Pid::of_owner(&owner),
             }),
             None => Err(Error::NameNotRegistered {
                 name: name.to_string(),
@@ -846,13 +838,9 @@ impl Node {
 
     /// The process that holds global name `name`, as this node sees it.
     pub fn whereis_global(&self, name: &str) -> Option<Pid> {
-        self.inner.registry.read(|r| {
-            r.whereis(name).map(|o| Pid {
-                node: o.node.clone(),
-                id: o.pid,
-                creation: o.creation,
-            })
-        })
+        self.inner
+            .registry
+            .read(|r| r.whereis(name).map(Pid::of_owner))
     }
 
     /// Every global name this node knows of, with its owner, sorted by name.
@@ -860,14 +848,7 @@ impl Node {
         self.inner.registry.read(|r| {
             r.names()
                 .into_iter()
-                .map(|(name, o)| {
-                    let pid = Pid {
-                        node: o.node,
-                        id: o.pid,
-                        creation: o.creation,
-                    };
-                    (name, pid)
-                })
+                .map(|(name, o)| (name, Pid::of_owner(&o)))
                 .collect()
         })
     }
@@ -1115,22 +1096,15 @@ impl Node {
                 payload,
             ));
         };
-        if let Dest::Pid { creation, .. } = &to {
-            if *creation != link.peer_creation() {
-                return Err(SendError::new(
-                    Error::StalePid {
-                        pid: Pid {
-                            node: node.clone(),
-                            id: match &to {
-                                Dest::Pid { id, .. } => *id,
-                                _ => 0,
-                            },
-                            creation: *creation,
-                        },
-                        current: link.peer_creation(),
-                    },
-                    payload,
-                ));
+        if let Dest::Pid { id, creation } = to {
+            if creation != link.peer_creation() {
+                let pid = Pid {
+                    node: node.clone(),
+                    id,
+                    creation,
+                };
+                let current = link.peer_creation();
+                return Err(SendError::new(Error::StalePid { pid, current }, payload));
             }
         }
         let max = link

@@ -29,6 +29,17 @@ impl Pid {
     }
 }
 
+impl Pid {
+    /// The process a global registration names.
+    pub(crate) fn of_owner(owner: &rusm_cluster_core::registry::Owner) -> Pid {
+        Pid {
+            node: owner.node.clone(),
+            id: owner.pid,
+            creation: owner.creation,
+        }
+    }
+}
+
 impl fmt::Display for Pid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "<{}.{}.{}>", self.node, self.id, self.creation)

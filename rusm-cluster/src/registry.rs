@@ -102,11 +102,7 @@ fn conflict(node: &Node, name: String, pid: u64, winner: Owner) {
         .stats
         .global_name_conflicts
         .fetch_add(1, Ordering::Relaxed);
-    let winner = Pid {
-        node: winner.node,
-        id: winner.pid,
-        creation: winner.creation,
-    };
+    let winner = Pid::of_owner(&winner);
     warn!(node = %inner.name, %name, loser = pid, %winner, "global name lost to a claim made elsewhere");
     let mailbox = read(&inner.processes).get(&pid).map(|s| s.mailbox.clone());
     if let Some(mailbox) = mailbox {
