@@ -128,19 +128,8 @@ impl Capability for MeshCapability {
         if node.inner.intro.hidden {
             return;
         }
-        let (link, others) = {
-            let links = lock(&node.inner.links);
-            let others: Vec<PeerAddr> = links
-                .up
-                .values()
-                .filter(|l| !l.hidden && l.peer != *peer)
-                .map(|l| PeerAddr {
-                    name: l.peer.clone(),
-                    addr: l.listen_addr,
-                })
-                .collect();
-            (links.up.get(peer).cloned(), others)
-        };
+        let others = crate::link::hello_peers(&node.inner, peer);
+        let link = lock(&node.inner.links).up.get(peer).cloned();
         let Some(link) = link.filter(|l| !l.hidden) else {
             return;
         };

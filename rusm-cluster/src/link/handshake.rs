@@ -47,13 +47,14 @@ pub(super) fn linking_error(peer: &NodeName, e: TransportError) -> Error {
     }
 }
 
-/// The members a hello or welcome lists: the peers linked now, hidden ones left out.
-pub(super) fn hello_peers(inner: &NodeInner) -> Vec<PeerAddr> {
+/// The members a hello, a welcome or the mesh announces to `peer`: the peers linked now, hidden
+/// ones and `peer` itself left out.
+pub(crate) fn hello_peers(inner: &NodeInner, peer: &NodeName) -> Vec<PeerAddr> {
     let links = lock(&inner.links);
     links
         .up
         .values()
-        .filter(|l| !l.hidden)
+        .filter(|l| !l.hidden && l.peer != *peer)
         .map(|l| PeerAddr {
             name: l.peer.clone(),
             addr: l.listen_addr,
@@ -94,7 +95,7 @@ pub(crate) async fn dial<T: Transport>(
         .await
         .map_err(|e| linking_error(&peer, e))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| linking_error(&peer, e))?;
-    let hello = inner.intro.hello(hello_peers(inner));
+    let hello = inner.intro.hello(hello_peers(inner, &peer));
     let bytes = encode_frame(&hello).map_err(|e| Error::Config(e.to_string()))?;
     send.write(bytes)
         .await
@@ -241,24 +242,19 @@ pub(super) async fn accept_one<T: Transport>(
     let registered = loop {
         let attempt = hello.clone().and_then(|hello| {
             let mut links = lock(&inner.links);
-            let stale = links
-                .up
-                .get(&hello.name)
-                .filter(|l| l.peer_creation() < hello.creation)
-                .cloned();
+            let linked = links.up.get(&hello.name).cloned();
+            let creation = linked.as_ref().map(|l| l.peer_creation());
             let table = LinkTable {
-                linked: links.up.contains_key(&hello.name),
+                linked: linked.is_some(),
                 dialling: links.dialling.contains(&hello.name),
                 shutting_down: links.shut_down,
                 blocked: links.blocked.contains(&hello.name),
-                replaceable: stale.is_some() && !replaced,
-                superseded: links
-                    .up
-                    .get(&hello.name)
-                    .is_some_and(|l| l.peer_creation() > hello.creation),
+                replaceable: !replaced && creation.is_some_and(|c| c < hello.creation),
+                superseded: creation.is_some_and(|c| c > hello.creation),
             };
             admit(&intro.name, &hello.name, table)?;
-            if let Some(stale) = stale {
+            // Admitted while linked: the link up is a stale incarnation's, to replace.
+            if let Some(stale) = linked {
                 return Ok(Err(stale));
             }
             let registered = register(&node, &mut links, &conn, &hello);
@@ -282,9 +278,7 @@ pub(super) async fn accept_one<T: Transport>(
             return refuse(inner, &conn, &mut send, reason).await;
         }
     };
-    let mut members = hello_peers(inner);
-    members.retain(|m| m.name != hello.name);
-    let welcome = intro.welcome(&hello, members);
+    let welcome = intro.welcome(&hello, hello_peers(inner, &hello.name));
     let sent = match encode_frame(&welcome) {
         Ok(bytes) => send.write(bytes).await,
         Err(e) => Err(TransportError::ConnectionLost {

@@ -52,7 +52,7 @@ mod outbox;
 mod reader;
 mod send;
 
-pub(crate) use handshake::{accept_loop, dial, Dialled};
+pub(crate) use handshake::{accept_loop, dial, hello_peers, Dialled};
 use outbox::*;
 use reader::*;
 use send::*;
