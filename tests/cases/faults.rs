@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{ClusterCa, DownReason, Error, NodeBuilder, NodeConfig, NodeEvent};
+use rusm_cluster::{ClusterCa, DownReason, Error, NodeConfig, NodeEvent};
 use rusm_transport_mem::{MemNetwork, MemTransport};
 use rusm_transport_quinn::QuinnTransport;
 use rusm_transport_s2n::S2nTransport;
@@ -114,13 +114,7 @@ fn quick_liveness() -> NodeConfig {
 
 pub async fn silent_peer_is_declared_down<T: CutPath>() {
     let ca = ClusterCa::generate("faults").unwrap();
-    let start = |name: &'static str| {
-        NodeBuilder::<T>::new(name)
-            .identity(ca.issue(name).unwrap())
-            .trust(ca.trust())
-            .config(quick_liveness())
-            .start()
-    };
+    let start = |name: &'static str| start_node::<T>(&ca, name, quick_liveness());
     let london = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
     let path = T::path(paris.local_addr(), london.local_addr()).await;
@@ -181,13 +175,7 @@ pub async fn a_lost_link_reconnects_by_itself<T: CutPath>() {
     let ca = ClusterCa::generate("faults").unwrap();
     let mut config = quick_liveness();
     config.reconnect = Some(rusm_cluster::Reconnect::default());
-    let start = |name: &'static str| {
-        NodeBuilder::<T>::new(name)
-            .identity(ca.issue(name).unwrap())
-            .trust(ca.trust())
-            .config(config.clone())
-            .start()
-    };
+    let start = |name: &'static str| start_node::<T>(&ca, name, config.clone());
     let london = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
     let path = T::path(paris.local_addr(), london.local_addr()).await;
@@ -227,13 +215,7 @@ pub async fn a_lost_link_reconnects_by_itself<T: CutPath>() {
 /// old incarnation get a typed error, and names follow the new one.
 pub async fn a_restarted_peer_replaces_its_stale_link<T: CutPath>() {
     let ca = ClusterCa::generate("faults").unwrap();
-    let start = |name: &'static str| {
-        NodeBuilder::<T>::new(name)
-            .identity(ca.issue(name).unwrap())
-            .trust(ca.trust())
-            .config(quick_liveness())
-            .start()
-    };
+    let start = |name: &'static str| start_node::<T>(&ca, name, quick_liveness());
     let old = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
     let path = T::path(paris.local_addr(), old.local_addr()).await;

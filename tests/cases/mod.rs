@@ -37,4 +37,6 @@ use rusm_cluster::{ClusterCa, Message, NodeBuilder, NodeEvent};
 use tokio::sync::{broadcast, mpsc};
 
 // The helpers live in the workspace's testkit, shared with the benches and `rusm bench`.
-pub use rusm_testkit::{collector, next_down, node, pair, raw_endpoint, recv, wait_until, within};
+pub use rusm_testkit::{
+    collector, next_down, node, pair, raw_endpoint, recv, start_node, wait_until, within,
+};

@@ -13,7 +13,7 @@ use rusm_cluster::{
 use tokio::sync::mpsc;
 
 use super::faults::CutPath;
-use super::{collector, node, pair, recv, wait_until, within};
+use super::{collector, node, pair, recv, start_node, wait_until, within};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -329,13 +329,7 @@ pub async fn requests_and_monitors_fail_when_the_node_is_lost<T: CutPath>() {
     config.tuning.idle_timeout = Duration::from_millis(1500);
     config.tuning.keep_alive_interval = Duration::from_millis(300);
     config.request_timeout = Duration::from_secs(30);
-    let start = |name: &'static str| {
-        NodeBuilder::<T>::new(name)
-            .identity(ca.issue(name).unwrap())
-            .trust(ca.trust())
-            .config(config.clone())
-            .start()
-    };
+    let start = |name: &'static str| start_node::<T>(&ca, name, config.clone());
     let london = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
     let path = T::path(paris.local_addr(), london.local_addr()).await;
