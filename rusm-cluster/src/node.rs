@@ -354,8 +354,21 @@ pub(crate) struct NodeInner {
 }
 
 impl NodeInner {
-    /// Counts a refused handshake or hello under `reason`.
-    pub(crate) fn count_refusal(&self, reason: &str) {
+    /// Counts an incoming connection refused before or in its TLS handshake, under `reason`.
+    pub(crate) fn refused_handshake(&self, reason: &str) {
+        self.stats
+            .rejected_handshakes
+            .fetch_add(1, Ordering::Relaxed);
+        self.count_refusal(reason);
+    }
+
+    /// Counts a hello refused (or never sent), under `reason`.
+    pub(crate) fn refused_hello(&self, reason: &str) {
+        self.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
+        self.count_refusal(reason);
+    }
+
+    fn count_refusal(&self, reason: &str) {
         *lock(&self.refusals).entry(reason.to_string()).or_insert(0) += 1;
     }
 }

@@ -163,11 +163,7 @@ pub(crate) async fn accept_loop<T: Transport>(node: Weak<NodeInner>, transport: 
         // Bounded: a flood of connections that never finish their hello holds a fixed number
         // of places; past that, new ones are refused at once (dropping one refuses it).
         let Ok(place) = inner.handshakes.clone().try_acquire_owned() else {
-            inner
-                .stats
-                .rejected_handshakes
-                .fetch_add(1, Ordering::Relaxed);
-            inner.count_refusal("flood: too many handshakes in progress");
+            inner.refused_handshake("flood: too many handshakes in progress");
             debug!(node = %inner.name, "incoming connection refused: too many handshakes in progress");
             drop(incoming);
             continue;
@@ -186,20 +182,12 @@ pub(super) async fn accept_one<T: Transport>(
     let conn = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            inner
-                .stats
-                .rejected_handshakes
-                .fetch_add(1, Ordering::Relaxed);
-            inner.count_refusal(tls_refusal_key(&e.to_string()));
+            inner.refused_handshake(tls_refusal_key(&e.to_string()));
             warn!(node = %inner.name, error = %e, "incoming connection refused in the TLS handshake");
             return;
         }
         Err(_) => {
-            inner
-                .stats
-                .rejected_handshakes
-                .fetch_add(1, Ordering::Relaxed);
-            inner.count_refusal("tls: timed out");
+            inner.refused_handshake("tls: timed out");
             warn!(node = %inner.name, "incoming TLS handshake timed out");
             return;
         }
@@ -211,8 +199,7 @@ pub(super) async fn accept_one<T: Transport>(
             return;
         }
         Err(_) => {
-            inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
-            inner.count_refusal("hello: none in time");
+            inner.refused_hello("hello: none in time");
             conn.close(close_code::REJECTED, b"no hello in time");
             return;
         }
@@ -303,8 +290,7 @@ pub(super) async fn refuse<C: Connection>(
     send: &mut C::SendStream,
     reason: RejectReason,
 ) {
-    inner.stats.rejected_hellos.fetch_add(1, Ordering::Relaxed);
-    inner.count_refusal(hello_refusal_key(&reason));
+    inner.refused_hello(hello_refusal_key(&reason));
     if let Ok(bytes) = encode_frame(&Frame::Reject(reason.clone())) {
         if send.write(bytes).await.is_ok() {
             let _ = send.finish();
