@@ -70,6 +70,14 @@ macro_rules! matrix {
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);
+            case!(soak_every_message_is_accounted_for);
+
+            /// The long soak: five minutes (`cargo test --release -- --ignored soak_long`).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "five minutes"]
+            async fn soak_long() {
+                crate::cases::soak::<$transport>(std::time::Duration::from_secs(300)).await
+            }
         }
     };
 }

@@ -3,7 +3,9 @@
 //! opens `--connections` QUIC connections with a certificate the cluster trusts that finish TLS
 //! and never send a hello, `--concurrency` at a time, and keeps them. Prints the node's resident
 //! memory before, at peak and after the flood, how many connections were refused, and the
-//! slowest answer the probe got over its established link during the flood.
+//! slowest answer the probe got over its established link during the flood. With `--untrusted`
+//! the connections present a certificate from another CA instead, so each is refused in its TLS
+//! handshake.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +24,10 @@ pub(crate) struct FloodArgs {
     /// Connections being opened at once.
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
+    /// Present a certificate the cluster does not trust (another CA's): every handshake is
+    /// refused, and the flood measures what refusing costs.
+    #[arg(long)]
+    untrusted: bool,
 }
 
 /// Resident memory of process `pid` (current, peak), in MiB.
@@ -108,9 +114,14 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
             })
         };
 
+        let identity = if args.untrusted {
+            ClusterCa::generate("mallory")?.issue("flood")?
+        } else {
+            ca.issue("flood")?
+        };
         let flooder = QuinnTransport::bind(EndpointConfig {
             live_trust: None,
-            identity: ca.issue("flood")?,
+            identity,
             trust: ca.trust(),
             listen: "127.0.0.1:0".parse()?,
             tuning: TransportTuning::default(),
@@ -142,8 +153,13 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
         flooder.close();
         probe.shutdown().await;
         println!(
-            "flood of {} no-hello connections ({} at a time) against a rusm node (quinn), in {:.1} s",
+            "flood of {} {} connections ({} at a time) against a rusm node (quinn), in {:.1} s",
             args.connections,
+            if args.untrusted {
+                "untrusted-certificate"
+            } else {
+                "no-hello"
+            },
             args.concurrency,
             flood_time.as_secs_f64()
         );

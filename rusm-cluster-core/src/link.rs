@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use crate::identity::{NodeName, PeerIdentity};
 use crate::router::negotiate_version;
 use crate::wire::{
-    Frame, Hello, PeerAddr, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Frame, Hello, PeerAddr, PreviousLink, RejectReason, Welcome, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// What this node says of itself in its hello or welcome.
@@ -48,6 +49,44 @@ pub struct PeerIntro {
     pub max_message_size: u64,
     /// The protocol version the link speaks.
     pub protocol: u32,
+    /// The link's id (from the hello; 0 if the dialler gave none).
+    pub link: u64,
+    /// What the peer received over its previous link to this node (see [`EndedLink`]).
+    pub previous: Option<PreviousLink>,
+}
+
+/// What a node remembers of its last link to a peer once that link went down: how many
+/// messages it sent over it (their sends returned `Ok`) and how many of the peer's reached it.
+/// On the next link between the same two incarnations, each side tells the other its
+/// `reached` ([`PreviousLink`]); what one sent and the other never received was lost in
+/// transit when the link failed, and is counted instead of vanishing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndedLink {
+    /// The link's id.
+    pub link: u64,
+    /// Messages this node wrote to the link in full.
+    pub sent: u64,
+    /// Messages from the peer that reached this node over the link.
+    pub reached: u64,
+}
+
+impl EndedLink {
+    /// What this node tells the peer of the link, in its next hello or welcome.
+    pub fn report(&self) -> PreviousLink {
+        PreviousLink {
+            link: self.link,
+            reached: self.reached,
+        }
+    }
+
+    /// How many of this node's messages over the link never reached the peer, given what the
+    /// peer reports of its previous link to us; `None` if its report is not about this link
+    /// (it restarted since, or has no memory of it), so the loss cannot be known.
+    pub fn lost(&self, theirs: Option<&PreviousLink>) -> Option<u64> {
+        theirs
+            .filter(|p| p.link == self.link && self.link != 0)
+            .map(|p| self.sent.saturating_sub(p.reached))
+    }
 }
 
 /// How the listener's links stand towards a dialler whose hello was accepted.
@@ -84,8 +123,9 @@ pub enum DialAnswer {
 }
 
 impl LocalIntro {
-    /// The dialler's hello, listing the peers this node is linked to.
-    pub fn hello(&self, peers: Vec<PeerAddr>) -> Frame {
+    /// The dialler's hello for the link `link`, listing the peers this node is linked to and
+    /// what it received over its previous link to the listener.
+    pub fn hello(&self, peers: Vec<PeerAddr>, link: u64, previous: Option<PreviousLink>) -> Frame {
         Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             min_protocol: Some(MIN_PROTOCOL_VERSION),
@@ -96,11 +136,19 @@ impl LocalIntro {
             peers,
             hidden: self.hidden,
             max_message_size: self.max_message_size,
+            link,
+            previous,
         })
     }
 
-    /// The listener's welcome to `peer`, whose hello was accepted.
-    pub fn welcome(&self, peer: &PeerIntro, peers: Vec<PeerAddr>) -> Frame {
+    /// The listener's welcome to `peer`, whose hello was accepted, with what the listener
+    /// received over its previous link to the dialler.
+    pub fn welcome(
+        &self,
+        peer: &PeerIntro,
+        peers: Vec<PeerAddr>,
+        previous: Option<PreviousLink>,
+    ) -> Frame {
         Frame::Welcome(Welcome {
             protocol: peer.protocol,
             capabilities: self.capabilities.clone(),
@@ -109,6 +157,7 @@ impl LocalIntro {
             listen_addr: self.listen_addr,
             peers,
             max_message_size: self.max_message_size,
+            previous,
         })
     }
 
@@ -135,6 +184,8 @@ impl LocalIntro {
             hidden: hello.hidden,
             max_message_size: hello.max_message_size,
             protocol,
+            link: hello.link,
+            previous: hello.previous,
         })
     }
 
@@ -166,6 +217,8 @@ impl LocalIntro {
             hidden: false,
             max_message_size: welcome.max_message_size,
             protocol: welcome.protocol,
+            link: 0,
+            previous: welcome.previous,
         })
     }
 }
@@ -277,7 +330,51 @@ mod tests {
             peers: vec![],
             hidden: false,
             max_message_size: 1024,
+            link: 0,
+            previous: None,
         }
+    }
+
+    #[test]
+    fn an_ended_link_is_settled_only_with_a_report_on_it() {
+        let ended = EndedLink {
+            link: 42,
+            sent: 1_000,
+            reached: 7,
+        };
+        assert_eq!(
+            ended.report(),
+            PreviousLink {
+                link: 42,
+                reached: 7
+            }
+        );
+        // The peer received 990 of the 1,000: 10 were lost in transit.
+        let theirs = PreviousLink {
+            link: 42,
+            reached: 990,
+        };
+        assert_eq!(ended.lost(Some(&theirs)), Some(10));
+        // A report on another link (the peer restarted, or links crossed): unknown.
+        let other = PreviousLink {
+            link: 41,
+            reached: 990,
+        };
+        assert_eq!(ended.lost(Some(&other)), None);
+        assert_eq!(ended.lost(None), None);
+        // A peer claiming more than was sent loses nothing (and cannot underflow).
+        let bogus = PreviousLink {
+            link: 42,
+            reached: u64::MAX,
+        };
+        assert_eq!(ended.lost(Some(&bogus)), Some(0));
+        // A link without an id (an old dialler) is never settled.
+        let unnamed = EndedLink { link: 0, ..ended };
+        let zero = PreviousLink {
+            link: 0,
+            reached: 0,
+        };
+        assert_eq!(unnamed.lost(Some(&zero)), None);
     }
 
     fn peer_of(id: &Identity) -> PeerIdentity {
@@ -349,11 +446,17 @@ mod tests {
         let (london, paris) = (intro("london"), intro("paris"));
         let paris_cert = peer_of(&ca.issue("paris").unwrap());
         let london_cert = peer_of(&ca.issue("london").unwrap());
-        let seen = london.on_hello(paris.hello(vec![]), &paris_cert).unwrap();
+        let seen = london
+            .on_hello(paris.hello(vec![], 7, None), &paris_cert)
+            .unwrap();
         assert_eq!(seen.name.as_str(), "paris");
         assert_eq!(seen.capabilities, ["rpc"]);
         assert_eq!(seen.protocol, PROTOCOL_VERSION);
-        let answer = paris.on_answer(london.welcome(&seen, vec![]), &london.name, &london_cert);
+        let answer = paris.on_answer(
+            london.welcome(&seen, vec![], None),
+            &london.name,
+            &london_cert,
+        );
         let DialAnswer::Up(up) = answer else {
             panic!("{answer:?}")
         };
@@ -401,9 +504,15 @@ mod tests {
         );
         // A welcome from someone other than the node dialled.
         let rome = intro("rome");
-        let seen = rome.on_hello(paris.hello(vec![]), &paris_cert).unwrap();
+        let seen = rome
+            .on_hello(paris.hello(vec![], 7, None), &paris_cert)
+            .unwrap();
         assert!(matches!(
-            paris.on_answer(rome.welcome(&seen, vec![]), &london.name, &london_cert),
+            paris.on_answer(
+                rome.welcome(&seen, vec![], None),
+                &london.name,
+                &london_cert
+            ),
             DialAnswer::Invalid(RejectReason::NameMismatch { .. })
         ));
     }

@@ -269,6 +269,13 @@ pub trait Connection: Clone + Send + Sync + 'static {
 
     /// Resolves when the connection is closed, with why.
     fn closed(&self) -> impl Future<Output = TransportError> + Send;
+
+    /// The link on this connection is up (its hello accepted): the peer may now open as many
+    /// uni-streams as the tuning allows. A backend whose per-connection memory grows with that
+    /// credit (quinn sets aside state for every stream the peer may open) grants only a little
+    /// until then, so a connection that never says hello costs little. The default does
+    /// nothing.
+    fn grant_stream_credit(&self) {}
 }
 
 /// The writing half of a stream.

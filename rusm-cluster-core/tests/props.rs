@@ -70,8 +70,8 @@ use rusm_cluster_core::rustls::pki_types::CertificateDer;
 use rusm_cluster_core::transport::TransportError;
 use rusm_cluster_core::wire::{
     decode_header, encode_frame, encode_header, encode_header_into, encoded_header_len, Dest,
-    EnvelopeHeader, Frame, FrameDecoder, Hello, Limits, MessageAssembler, PeerAddr, Pushed,
-    ReadError, ReadMessage, RejectReason, Welcome, WireError, MIN_PROTOCOL_VERSION,
+    EnvelopeHeader, Frame, FrameDecoder, Hello, Limits, MessageAssembler, PeerAddr, PreviousLink,
+    Pushed, ReadError, ReadMessage, RejectReason, Welcome, WireError, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
 
@@ -228,6 +228,8 @@ fn hello() -> impl Strategy<Value = Hello> {
         prop::collection::vec(peer_addr(), 0..3),
         any::<bool>(),
         any::<u64>(),
+        any::<u64>(),
+        previous_link(),
     )
         .prop_map(
             |(
@@ -240,6 +242,8 @@ fn hello() -> impl Strategy<Value = Hello> {
                 peers,
                 hidden,
                 max_message_size,
+                link,
+                previous,
             )| Hello {
                 protocol,
                 min_protocol,
@@ -250,6 +254,8 @@ fn hello() -> impl Strategy<Value = Hello> {
                 peers,
                 hidden,
                 max_message_size,
+                link,
+                previous,
             },
         )
 }
@@ -263,9 +269,19 @@ fn welcome() -> impl Strategy<Value = Welcome> {
         prop::option::of(socket_addr()),
         prop::collection::vec(peer_addr(), 0..3),
         any::<u64>(),
+        previous_link(),
     )
         .prop_map(
-            |(protocol, capabilities, name, creation, listen_addr, peers, max_message_size)| {
+            |(
+                protocol,
+                capabilities,
+                name,
+                creation,
+                listen_addr,
+                peers,
+                max_message_size,
+                previous,
+            )| {
                 Welcome {
                     protocol,
                     capabilities,
@@ -274,9 +290,16 @@ fn welcome() -> impl Strategy<Value = Welcome> {
                     listen_addr,
                     peers,
                     max_message_size,
+                    previous,
                 }
             },
         )
+}
+
+fn previous_link() -> impl Strategy<Value = Option<PreviousLink>> {
+    prop::option::of(
+        (any::<u64>(), any::<u64>()).prop_map(|(link, reached)| PreviousLink { link, reached }),
+    )
 }
 
 fn reject_reason() -> impl Strategy<Value = RejectReason> {
@@ -2079,7 +2102,7 @@ proptest! {
         }
         // The welcome this node would answer with is what the dialler accepts.
         if let Ok(peer) = decided {
-            let welcome = local.welcome(&peer, Vec::new());
+            let welcome = local.welcome(&peer, Vec::new(), None);
             let dialler = LocalIntro { name: peer.name.clone(), ..local.clone() };
             let mut cert = cert;
             cert.dns_names = if local.shared_identity {

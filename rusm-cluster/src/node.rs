@@ -317,6 +317,10 @@ pub(crate) struct Links {
     /// Peers this node keeps cut off ([`Node::block`]).
     pub(crate) blocked: HashSet<NodeName>,
     pub(crate) shut_down: bool,
+    /// The last link to each peer that went down, kept until the next link to that peer settles
+    /// what was in transit on it (see [`EndedLink`](rusm_cluster_core::link::EndedLink)).
+    pub(crate) ended:
+        HashMap<NodeName, rusm_cluster_core::link::EndedLink, foldhash::fast::RandomState>,
 }
 
 pub(crate) struct NodeInner {

@@ -379,6 +379,18 @@ impl Inbox {
     fn len(&self) -> usize {
         self.batch.len() + self.shared.queued.load(Ordering::Relaxed)
     }
+
+    /// Closes the mailbox (later deliveries fail, as dead letters) and drops what is unread,
+    /// giving how many messages that was.
+    fn discard(&mut self) -> u64 {
+        self.rx.close();
+        let mut n = std::mem::take(&mut self.batch).len();
+        while let Ok(mail) = self.rx.try_recv() {
+            self.shared.queued.fetch_sub(mail.len(), Ordering::Relaxed);
+            n += mail.len();
+        }
+        n as u64
+    }
 }
 
 /// The context a process runs with: its pid, its mailbox, and the node it lives on.
@@ -402,6 +414,21 @@ pub struct Process {
     pid: Pid,
     node: Node,
     inbox: Inbox,
+}
+
+impl Drop for Process {
+    /// A process that ends with messages unread drops them, as in Erlang, but counts them
+    /// ([`NodeStats::unread_at_exit`](crate::NodeStats)).
+    fn drop(&mut self) {
+        let unread = self.inbox.discard();
+        if unread > 0 {
+            self.node
+                .inner
+                .stats
+                .unread_at_exit
+                .fetch_add(unread, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Process {

@@ -79,4 +79,12 @@ counters! {
     mesh_dial_failures,
     /// Replies from peers to no pending request (late, after a timeout, or bogus); ignored.
     unexpected_replies,
+    /// Messages this node sent (their send returned `Ok`) that never reached the peer, because
+    /// their link failed with them in transit. Known, and counted, when the two nodes link
+    /// again and compare what each sent and received over the failed link; messages in transit
+    /// to a peer that restarted went with its old incarnation and are not counted here.
+    lost_in_transit,
+    /// Messages (and notices) still unread in a mailbox when its process ended: dropped, as in
+    /// Erlang, and counted.
+    unread_at_exit,
 }

@@ -42,11 +42,22 @@ use rusm_cluster_core::transport::{self as core, EndpointConfig, TransportError,
 #[derive(Debug)]
 pub struct QuinnTransport {
     endpoint: quinn::Endpoint,
+    /// The uni-stream credit a peer gets once its link is up.
+    uni_streams: u32,
 }
+
+/// Uni-streams a peer may open before its link is up (see
+/// [`Connection::grant_stream_credit`](core::Connection::grant_stream_credit)). quinn sets aside
+/// state for every stream a peer may open, when the connection is made: at the tuned 10,000 that
+/// was ~0.45 MiB per connection, which a flood of connections that never say hello (or whose
+/// certificate is refused) turned into hundreds of MiB.
+const HANDSHAKE_UNI_STREAMS: u32 = 32;
 
 fn transport_config(t: &TransportTuning) -> Result<Arc<quinn::TransportConfig>, TransportError> {
     let mut c = quinn::TransportConfig::default();
-    c.max_concurrent_uni_streams(VarInt::from_u32(t.max_concurrent_uni_streams));
+    c.max_concurrent_uni_streams(VarInt::from_u32(
+        HANDSHAKE_UNI_STREAMS.min(t.max_concurrent_uni_streams),
+    ));
     // One control stream per link; a few spare for future protocols.
     c.max_concurrent_bidi_streams(VarInt::from_u32(8));
     c.stream_receive_window(VarInt::from_u32(t.stream_receive_window));
@@ -106,7 +117,10 @@ impl core::Transport for QuinnTransport {
         )
         .map_err(TransportError::setup)?;
         endpoint.set_default_client_config(client);
-        Ok(QuinnTransport { endpoint })
+        Ok(QuinnTransport {
+            endpoint,
+            uni_streams: config.tuning.max_concurrent_uni_streams,
+        })
     }
 
     fn local_addr(&self) -> Result<SocketAddr, TransportError> {
@@ -125,14 +139,15 @@ impl core::Transport for QuinnTransport {
                     reason: e.to_string(),
                 })?;
         let conn = connecting.await.map_err(conn_err)?;
-        QuinnConnection::new(conn)
+        QuinnConnection::new(conn, self.uni_streams)
     }
 
     async fn accept(&self) -> Option<Self::Incoming> {
         let incoming = self.endpoint.accept().await?;
+        let uni_streams = self.uni_streams;
         Some(Box::pin(async move {
             let conn = incoming.into_future().await.map_err(conn_err)?;
-            QuinnConnection::new(conn)
+            QuinnConnection::new(conn, uni_streams)
         }))
     }
 
@@ -150,10 +165,11 @@ impl core::Transport for QuinnTransport {
 pub struct QuinnConnection {
     conn: quinn::Connection,
     peer: Arc<PeerIdentity>,
+    uni_streams: u32,
 }
 
 impl QuinnConnection {
-    fn new(conn: quinn::Connection) -> Result<Self, TransportError> {
+    fn new(conn: quinn::Connection, uni_streams: u32) -> Result<Self, TransportError> {
         let leaf = conn
             .peer_identity()
             .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -167,6 +183,7 @@ impl QuinnConnection {
         Ok(QuinnConnection {
             conn,
             peer: Arc::new(peer),
+            uni_streams,
         })
     }
 }
@@ -271,6 +288,11 @@ impl core::Connection for QuinnConnection {
 
     async fn closed(&self) -> TransportError {
         conn_err(self.conn.closed().await)
+    }
+
+    fn grant_stream_credit(&self) {
+        self.conn
+            .set_max_concurrent_uni_streams(VarInt::from_u32(self.uni_streams));
     }
 }
 

@@ -49,6 +49,8 @@ impl<T: Transport> RawPeer<T> {
             peers: vec![],
             hidden: false,
             max_message_size: 1 << 20,
+            link: 0,
+            previous: None,
         });
         self.send
             .write(encode_frame(&hello).unwrap())

@@ -16,6 +16,7 @@ mod mixed;
 mod registry;
 mod rpc;
 mod security;
+mod soak;
 mod streams;
 
 pub use capabilities::*;
@@ -28,6 +29,7 @@ pub use mixed::*;
 pub use registry::*;
 pub use rpc::*;
 pub use security::*;
+pub use soak::*;
 pub use streams::*;
 
 use std::time::Duration;

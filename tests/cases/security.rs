@@ -227,6 +227,8 @@ async fn hello_over_tls<T: Transport>(
         peers: vec![],
         hidden: false,
         max_message_size: 1 << 20,
+        link: 0,
+        previous: None,
     });
     send.write(encode_frame(&hello).unwrap()).await.unwrap();
     let mut dec = FrameDecoder::new(1 << 20);

@@ -135,6 +135,11 @@ mod tests {
             peers: vec![],
             hidden: false,
             max_message_size: 1 << 20,
+            link: 3,
+            previous: Some(crate::wire::PreviousLink {
+                link: 2,
+                reached: 9,
+            }),
         })
     }
 

@@ -52,6 +52,25 @@ pub struct Hello {
     pub hidden: bool,
     /// The largest message payload the dialler accepts.
     pub max_message_size: u64,
+    /// This link's id, chosen by the dialler (0: none). Both ends remember it when the link
+    /// goes down, to settle its messages in transit on the next link (see [`PreviousLink`]).
+    #[serde(default)]
+    pub link: u64,
+    /// What the dialler received over its previous link to the listener, if it had one.
+    #[serde(default)]
+    pub previous: Option<PreviousLink>,
+}
+
+/// What a node received over its previous link to a peer, told on the next link between them
+/// so the peer can count what it sent over that link and never arrived (messages in transit
+/// when the link failed) instead of losing them silently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousLink {
+    /// The id of that link (from its hello).
+    pub link: u64,
+    /// Messages from the peer that reached this node over that link: delivered to a mailbox
+    /// or counted as dead letters.
+    pub reached: u64,
 }
 
 /// The listener's answer to an accepted [`Hello`].
@@ -72,6 +91,9 @@ pub struct Welcome {
     pub peers: Vec<PeerAddr>,
     /// The largest message payload the listener accepts.
     pub max_message_size: u64,
+    /// What the listener received over its previous link to the dialler, if it had one.
+    #[serde(default)]
+    pub previous: Option<PreviousLink>,
 }
 
 /// Why a hello was refused, or a link closed.

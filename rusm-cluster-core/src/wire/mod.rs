@@ -13,7 +13,8 @@ pub use envelope::{
     COPY_MAX,
 };
 pub use frame::{
-    Frame, Hello, PeerAddr, RejectReason, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Frame, Hello, PeerAddr, PreviousLink, RejectReason, Welcome, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// Size limits enforced on input from the network.

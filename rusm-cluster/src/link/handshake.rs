@@ -95,7 +95,12 @@ pub(crate) async fn dial<T: Transport>(
         .await
         .map_err(|e| linking_error(&peer, e))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| linking_error(&peer, e))?;
-    let hello = inner.intro.hello(hello_peers(inner, &peer));
+    let wire_id = new_link_id(inner);
+    let hello = inner.intro.hello(
+        hello_peers(inner, &peer),
+        wire_id,
+        previous_link(inner, &peer),
+    );
     let bytes = encode_frame(&hello).map_err(|e| Error::Config(e.to_string()))?;
     send.write(bytes)
         .await
@@ -143,10 +148,10 @@ pub(crate) async fn dial<T: Transport>(
             conn.close(close_code::DUPLICATE, b"duplicate link");
             return Ok(Dialled::Up);
         } else {
-            Some(register(&node, &mut links, &conn, &welcomed))
+            Some(register(&node, &mut links, &conn, &welcomed, wire_id))
         }
     };
-    let Some((link, rx)) = registered else {
+    let Some((link, rx, _)) = registered else {
         conn.close(close_code::NORMAL, b"shutting down");
         return Err(Error::Shutdown);
     };
@@ -244,7 +249,7 @@ pub(super) async fn accept_one<T: Transport>(
             if let Some(stale) = linked {
                 return Ok(Err(stale));
             }
-            let registered = register(&node, &mut links, &conn, &hello);
+            let registered = register(&node, &mut links, &conn, &hello, hello.link);
             Ok(Ok((hello, registered)))
         });
         match attempt {
@@ -258,14 +263,14 @@ pub(super) async fn accept_one<T: Transport>(
             Err(e) => break Err(e),
         }
     };
-    let (hello, (link, rx)) = match registered {
+    let (hello, (link, rx, previous)) = match registered {
         Ok(r) => r,
         Err(reason) => {
             warn!(node = %inner.name, %reason, "hello refused");
             return refuse(inner, &conn, &mut send, reason).await;
         }
     };
-    let welcome = intro.welcome(&hello, hello_peers(inner, &hello.name));
+    let welcome = intro.welcome(&hello, hello_peers(inner, &hello.name), previous);
     let sent = match encode_frame(&welcome) {
         Ok(bytes) => send.write(bytes).await,
         Err(e) => Err(TransportError::ConnectionLost {

@@ -27,7 +27,7 @@ use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster_core::identity::NodeName;
 use rusm_cluster_core::inbound::{Counted, Inbound, InboundClose, InboundMessage};
-use rusm_cluster_core::link::{admit, DialAnswer, LinkTable, PeerIntro};
+use rusm_cluster_core::link::{admit, DialAnswer, EndedLink, LinkTable, PeerIntro};
 use rusm_cluster_core::outbound::Numbering;
 use rusm_cluster_core::router::LinkCapabilities;
 use rusm_cluster_core::tls;
@@ -36,8 +36,8 @@ use rusm_cluster_core::transport::{
 };
 use rusm_cluster_core::wire::{
     encode_frame, encode_header_into, encoded_header_len, Dest, EnvelopeHeader, Frame,
-    FrameDecoder, Limits, MessageAssembler, PeerAddr, ReadError, ReadMessage, RejectReason,
-    WireError,
+    FrameDecoder, Limits, MessageAssembler, PeerAddr, PreviousLink, ReadError, ReadMessage,
+    RejectReason, WireError,
 };
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
@@ -80,6 +80,8 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// The node's side of one link: what senders need, without the transport type.
 pub(crate) struct LinkHandle {
     id: u64,
+    /// The id both ends know the link by (chosen by the dialler, sent in its hello).
+    wire_id: u64,
     pub(crate) peer: NodeName,
     addr: SocketAddr,
     peer_creation: u64,
@@ -109,6 +111,8 @@ pub(crate) struct LinkHandle {
     streams: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
+    /// Messages from the peer that found no process here (counted as dead letters).
+    dead: AtomicU64,
     node: Weak<NodeInner>,
     in_progress: AtomicUsize,
     closing: AtomicBool,
@@ -250,16 +254,8 @@ impl LinkHandle {
         }
     }
 
-    /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the
-    /// peer how many streams to expect, and the peer closes once it has read them all.
-    pub(crate) async fn goodbye(&self, reason: &str) {
-        // Flag first, then count (see `begin_send`); the flag also tells the teardown that this
-        // side closed on purpose.
-        self.closing.store(true, Ordering::SeqCst);
-        let finished = self.finished.notified();
-        if self.is_finished.load(Ordering::Acquire) {
-            return;
-        }
+    /// Waits (at most [`DRAIN`]) until no send is in progress; call once `closing` is set.
+    async fn sends_done(&self) {
         let drained = async {
             loop {
                 let idle = self.idle.notified();
@@ -270,6 +266,19 @@ impl LinkHandle {
             }
         };
         let _ = tokio::time::timeout(DRAIN, drained).await;
+    }
+
+    /// Closes the link on purpose: sends in progress finish first, then a goodbye tells the
+    /// peer how many streams to expect, and the peer closes once it has read them all.
+    pub(crate) async fn goodbye(&self, reason: &str) {
+        // Flag first, then count (see `begin_send`); the flag also tells the teardown that this
+        // side closed on purpose.
+        self.closing.store(true, Ordering::SeqCst);
+        let finished = self.finished.notified();
+        if self.is_finished.load(Ordering::Acquire) {
+            return;
+        }
+        self.sends_done().await;
         let streams = self.streams.load(Ordering::SeqCst);
         let _ = self.control.send(Frame::Goodbye {
             reason: reason.to_string(),
@@ -283,16 +292,74 @@ impl LinkHandle {
     }
 }
 
+/// A new link's id, unique between any two nodes with overwhelming odds: a hash of the dialler's
+/// name, incarnation and its count of links.
+fn new_link_id(inner: &NodeInner) -> u64 {
+    use std::hash::BuildHasher;
+    let n = inner.next_link_id.fetch_add(1, Ordering::Relaxed);
+    foldhash::quality::FixedState::with_seed(inner.creation)
+        .hash_one((inner.name.as_str(), n))
+        .max(1)
+}
+
+/// What this node remembers of an ended link, to settle it with the peer (see [`EndedLink`]).
+fn ended_link(link: &LinkHandle) -> EndedLink {
+    EndedLink {
+        link: link.wire_id,
+        sent: link.sent.load(Ordering::SeqCst),
+        reached: link.received.load(Ordering::SeqCst) + link.dead.load(Ordering::SeqCst),
+    }
+}
+
+/// What this node received over its last link to `peer`, for its next hello to it.
+fn previous_link(inner: &NodeInner, peer: &NodeName) -> Option<PreviousLink> {
+    lock(&inner.links).ended.get(peer).map(EndedLink::report)
+}
+
+/// Settles the last link to the new link's peer, if there was one: what this node sent over it
+/// and the peer never received is counted lost in transit. Gives back what this node tells the
+/// peer of that link (for the welcome).
+fn settle_previous(
+    inner: &NodeInner,
+    links: &mut crate::node::Links,
+    intro: &PeerIntro,
+) -> Option<PreviousLink> {
+    let ended = links.ended.remove(&intro.name)?;
+    match ended.lost(intro.previous.as_ref()) {
+        Some(0) => {}
+        Some(lost) => {
+            inner
+                .stats
+                .lost_in_transit
+                .fetch_add(lost, Ordering::Relaxed);
+            warn!(node = %inner.name, peer = %intro.name, messages = lost, "messages lost in transit when the last link failed");
+        }
+        None => {
+            debug!(node = %inner.name, peer = %intro.name, "the peer has no memory of the last link (it restarted): what was in transit went with it");
+        }
+    }
+    Some(ended.report())
+}
+
+/// Registers a new link; also gives what this node tells the peer of the previous link.
 fn register<C: Connection>(
     node: &Node,
     links: &mut crate::node::Links,
     conn: &C,
     intro: &PeerIntro,
-) -> (Arc<LinkHandle>, mpsc::UnboundedReceiver<Frame>) {
+    wire_id: u64,
+) -> (
+    Arc<LinkHandle>,
+    mpsc::UnboundedReceiver<Frame>,
+    Option<PreviousLink>,
+) {
+    let previous = settle_previous(&node.inner, links, intro);
+    conn.grant_stream_credit();
     let (control, control_rx) = mpsc::unbounded_channel();
     let peer = &intro.name;
     let link = Arc::new(LinkHandle {
         id: node.inner.next_link_id.fetch_add(1, Ordering::Relaxed),
+        wire_id,
         peer: peer.clone(),
         addr: conn.remote_addr(),
         peer_creation: intro.creation,
@@ -319,6 +386,7 @@ fn register<C: Connection>(
         streams: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
+        dead: AtomicU64::new(0),
         node: Arc::downgrade(&node.inner),
         in_progress: AtomicUsize::new(0),
         closing: AtomicBool::new(false),
@@ -330,7 +398,7 @@ fn register<C: Connection>(
     });
     links.up.insert(peer.clone(), link.clone());
     node.inner.links_changed.notify_waiters();
-    (link, control_rx)
+    (link, control_rx, previous)
 }
 
 /// The link is up: counted, logged, told to subscribers and to the capabilities it uses.
@@ -420,19 +488,13 @@ async fn run_link<C: Connection>(
     };
     conn.close(code, reason.to_string().as_bytes());
     link.fail_queue(inner);
-    // The capabilities hear of the end while the link is still listed, so a new link to the
-    // same peer (admitted only once this one is gone) is always announced to them after it.
-    for capability in inner.router.on_link(&link.capabilities) {
-        capability.on_link_down(&node, &link.peer);
-    }
-    {
-        let mut links = lock(&inner.links);
-        if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
-            links.up.remove(&link.peer);
-            inner.links_changed.notify_waiters();
-        }
-    }
-    // Release what was held back for predecessors that will never come.
+    // Sends in progress fail now (the connection is closed) and new ones are refused; once they
+    // are over, what this link sent is final.
+    link.closing.store(true, Ordering::SeqCst);
+    link.sends_done().await;
+    // Release what was held back for predecessors that will never come: delivered before the
+    // link leaves the table, so what it reports of this link to the peer's next one is final,
+    // and before the capabilities' node-down notices.
     let mut released = Vec::new();
     let missing = reader.machine.on_link_down(&mut released).lost;
     inner
@@ -451,6 +513,22 @@ async fn run_link<C: Connection>(
         deliver(&node, &link, &mut route, msg).await;
     }
     route.flush(inner, &link);
+    let ended = ended_link(&link);
+    // The capabilities hear of the end while the link is still listed, so a new link to the
+    // same peer (admitted only once this one is gone) is always announced to them after it.
+    for capability in inner.router.on_link(&link.capabilities) {
+        capability.on_link_down(&node, &link.peer);
+    }
+    {
+        let mut links = lock(&inner.links);
+        if links.up.get(&link.peer).is_some_and(|l| l.id == link.id) {
+            links.up.remove(&link.peer);
+            if !link.hidden {
+                links.ended.insert(link.peer.clone(), ended);
+            }
+            inner.links_changed.notify_waiters();
+        }
+    }
     inner.stats.links_down.fetch_add(1, Ordering::Relaxed);
     info!(node = %inner.name, peer = %link.peer, %reason, "link down");
     let lost = matches!(reason, DownReason::TimedOut | DownReason::ConnectionLost(_));

@@ -416,6 +416,7 @@ impl Route {
         if mailbox.push(mail).is_err() {
             // The process exited with these on their way.
             inner.stats.dead_letters.fetch_add(n, Ordering::Relaxed);
+            link.dead.fetch_add(n, Ordering::Relaxed);
             return;
         }
         inner
@@ -433,6 +434,7 @@ pub(super) async fn deliver(node: &Node, link: &LinkHandle, route: &mut Route, i
     let Incoming { msg, credit, .. } = incoming;
     if !route.aim(inner, link, &msg.header.to) {
         inner.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        link.dead.fetch_add(1, Ordering::Relaxed);
         debug!(node = %inner.name, peer = %link.peer, to = ?msg.header.to, "dead letter");
         return;
     }
