@@ -4,14 +4,24 @@
 //! message, with no actors, no ordering and no mailboxes.
 //! - `raw`: the naive receiver, reading one stream after another (the reference baseline);
 //! - `raw_concurrent`: a receiver reading every stream concurrently, as our link does.
+//! - `raw_delivering`: as `raw_concurrent`, but the receiver reads each payload whole and hands
+//!   it to a bounded mailbox (a tokio channel, one per receiver, round-robin) that another task
+//!   drains and counts: the least an actor runtime must do per message.
+//! - `raw_one_stream`: every message length-prefixed on ONE uni-stream, written in batches of
+//!   [`ONE_STREAM_BATCH`] bytes, parsed and counted by the receiver: the stack's ceiling.
 //!
 //! Our figures are printed as ratios of them. Every sent message is counted at the receiver; a
-//! run that loses one fails.
+//! run that loses one fails. A failed (or stuck: see [`run_limit`]) measurement does not stop
+//! the others: its figures are `NaN` in the table and `null` in the JSON, the row lists why in
+//! `failures`, and the command exits with an error after printing everything. `--size` and `--receivers` take lists (`--size 64,1024,65536
+//! --receivers 1,8`, or `--matrix` for exactly that): one row per backend, size and receiver
+//! count.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
-use bytes::Bytes;
+use anyhow::{anyhow, bail, ensure, Result};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster::core::transport::{Connection, RecvStream, SendStream, Transport};
 use rusm_cluster::quinn_transport::QuinnTransport;
@@ -19,6 +29,19 @@ use rusm_cluster::s2n_transport::S2nTransport;
 use rusm_cluster::{ClusterCa, Coalescing, Node, NodeConfig};
 use rusm_testkit::{Latencies, Rank, Tally, BENCH_DEADLINE};
 use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Capacity of each mailbox of the `raw_delivering` baseline, in messages.
+pub(crate) const MAILBOX_CAPACITY: usize = 1024;
+
+/// The `raw_one_stream` sender writes once this many bytes of length-prefixed messages are
+/// buffered (and at the end).
+pub(crate) const ONE_STREAM_BATCH: usize = 64 << 10;
+
+/// `--matrix`: these payload sizes ...
+const MATRIX_SIZES: [usize; 3] = [64, 1024, 65536];
+/// ... times these receiver counts.
+const MATRIX_RECEIVERS: [usize; 2] = [1, 8];
 
 /// Which backend(s) to measure.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,12 +70,16 @@ pub(crate) struct BenchArgs {
     /// Backend(s) to measure.
     #[arg(long, value_enum, default_value = "both")]
     backend: BackendChoice,
-    /// Receiving processes on the other node (messages go round-robin).
-    #[arg(long, short = 'k', default_value_t = 1)]
-    receivers: usize,
-    /// Payload size in bytes.
-    #[arg(long, default_value_t = 64)]
-    size: usize,
+    /// Receiving processes on the other node (messages go round-robin); a comma-separated list
+    /// gives a row per count.
+    #[arg(long, short = 'k', value_delimiter = ',', default_value = "1")]
+    receivers: Vec<usize>,
+    /// Payload size in bytes; a comma-separated list gives a row per size.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    size: Vec<usize>,
+    /// Shorthand for `--size 64,1024,65536 --receivers 1,8`.
+    #[arg(long, conflicts_with_all = ["size", "receivers"])]
+    matrix: bool,
     /// Seconds of sending in each throughput run.
     #[arg(long, default_value_t = 2.0)]
     duration: f64,
@@ -74,7 +101,8 @@ pub(crate) struct BenchArgs {
     /// Only our round trips, one line per run (for profiling).
     #[arg(long, hide = true)]
     only_cluster_rtt: bool,
-    /// Print one JSON array (an object per backend) instead of the table.
+    /// Print one JSON array (an object per backend, size and receiver count) instead of the
+    /// table.
     #[arg(long)]
     json: bool,
     /// Turn on opt-in coalescing (queued messages to the peer share streams) for our runs; the
@@ -83,7 +111,44 @@ pub(crate) struct BenchArgs {
     coalesce: bool,
 }
 
-/// One backend's medians.
+/// One measured configuration: what every run function needs, taken from [`BenchArgs`] with one
+/// payload size and one receiver count.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    size: usize,
+    receivers: usize,
+    duration: f64,
+    messages: Option<u64>,
+    round_trips: usize,
+    coalesce: bool,
+}
+
+impl BenchArgs {
+    /// Every (size, receivers) case asked for, sizes outermost.
+    fn cases(&self) -> Vec<Case> {
+        let (sizes, receivers) = if self.matrix {
+            (MATRIX_SIZES.to_vec(), MATRIX_RECEIVERS.to_vec())
+        } else {
+            (self.size.clone(), self.receivers.clone())
+        };
+        let mut cases = Vec::new();
+        for &size in &sizes {
+            for &k in &receivers {
+                cases.push(Case {
+                    size,
+                    receivers: k,
+                    duration: self.duration,
+                    messages: self.messages,
+                    round_trips: self.round_trips,
+                    coalesce: self.coalesce,
+                });
+            }
+        }
+        cases
+    }
+}
+
+/// One backend's medians for one case.
 #[derive(Serialize, Debug)]
 struct Row {
     backend: &'static str,
@@ -99,6 +164,10 @@ struct Row {
     throughput_ratio: f64,
     raw_concurrent_msgs_per_sec: f64,
     concurrent_ratio: f64,
+    raw_delivering_msgs_per_sec: f64,
+    delivering_ratio: f64,
+    raw_one_stream_msgs_per_sec: f64,
+    one_stream_ratio: f64,
     p50_us: f64,
     p99_us: f64,
     raw_p50_us: f64,
@@ -106,39 +175,85 @@ struct Row {
     p50_ratio: f64,
     udp_rcvbuf_errors: u64,
     peak_rss_mib: f64,
+    /// The measurements that failed or got stuck, and why (empty when all went through).
+    failures: Vec<String>,
 }
 
 /// Runs the benchmark and prints the table (or JSON).
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.repeat >= 1, "--repeat must be at least 1");
-    ensure!(args.receivers >= 1, "--receivers must be at least 1");
+    let cases = args.cases();
+    ensure!(!cases.is_empty(), "no --size or --receivers given");
+    ensure!(
+        cases.iter().all(|c| c.receivers >= 1),
+        "--receivers must be at least 1"
+    );
+    ensure!(
+        cases.iter().all(|c| c.size <= u32::MAX as usize),
+        "--size must fit in 32 bits"
+    );
+    let quinn = matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both);
+    let s2n = matches!(args.backend, BackendChoice::S2n | BackendChoice::Both);
     if args.only_cluster_throughput || args.only_cluster_rtt {
-        if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
-            cluster_only::<QuinnTransport>(&args).await?;
-        }
-        if matches!(args.backend, BackendChoice::S2n | BackendChoice::Both) {
-            cluster_only::<S2nTransport>(&args).await?;
+        for case in &cases {
+            if quinn {
+                cluster_only::<QuinnTransport>(&args, case).await?;
+            }
+            if s2n {
+                cluster_only::<S2nTransport>(&args, case).await?;
+            }
         }
         return Ok(());
     }
     let mut rows = Vec::new();
-    if matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both) {
-        rows.push(bench_backend::<QuinnTransport>(&args).await?);
-    }
-    if matches!(args.backend, BackendChoice::S2n | BackendChoice::Both) {
-        rows.push(bench_backend::<S2nTransport>(&args).await?);
+    for case in &cases {
+        if quinn {
+            rows.push(bench_backend::<QuinnTransport>(&args, case).await?);
+        }
+        if s2n {
+            rows.push(bench_backend::<S2nTransport>(&args, case).await?);
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+    } else {
+        print_table(&args, &cases, &rows);
     }
+    let failures: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            r.failures
+                .iter()
+                .map(move |f| format!("{} {} B K={}: {f}", r.backend, r.size, r.receivers))
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} measurement(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        ))
+    }
+}
+
+/// The human-readable table: one line per row, then what was measured.
+fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
     println!(
-        "{:<7} {:>10} {:>10} {:>6} {:>10} {:>6}  {:>7} {:>7} {:>7} {:>6}  {:>6}",
+        "{:<7} {:>6} {:>3} {:>10} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}  \
+         {:>7} {:>7} {:>7} {:>6}  {:>6}",
         "backend",
+        "size",
+        "K",
         "msgs/s",
         "raw",
         "ratio",
         "raw conc",
+        "ratio",
+        "raw dlv",
+        "ratio",
+        "1 stream",
         "ratio",
         "p50 us",
         "p99 us",
@@ -146,15 +261,22 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         "ratio",
         "rcvbuf"
     );
-    for r in &rows {
+    for r in rows {
         println!(
-            "{:<7} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2}  {:>7.1} {:>7.1} {:>7.1} {:>6.2}  {:>6}",
+            "{:<7} {:>6} {:>3} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>10.0} {:>6.2} \
+             {:>10.0} {:>6.2}  {:>7.1} {:>7.1} {:>7.1} {:>6.2}  {:>6}",
             r.backend,
+            r.size,
+            r.receivers,
             r.msgs_per_sec,
             r.raw_msgs_per_sec,
             r.throughput_ratio,
             r.raw_concurrent_msgs_per_sec,
             r.concurrent_ratio,
+            r.raw_delivering_msgs_per_sec,
+            r.delivering_ratio,
+            r.raw_one_stream_msgs_per_sec,
+            r.one_stream_ratio,
             r.p50_us,
             r.p99_us,
             r.raw_p50_us,
@@ -162,12 +284,21 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             r.udp_rcvbuf_errors,
         );
     }
+    let list = |f: fn(&Case) -> usize| {
+        let mut v: Vec<usize> = cases.iter().map(f).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.iter().map(usize::to_string).collect::<Vec<_>>().join("/")
+    };
     println!(
         "{} B payloads, {} receiver(s), {:?} runtime, coalescing {}, medians of {} run(s); every \
-         message counted ({} sent, {} received in the last run); rcvbuf = UDP receive-buffer \
-         drops seen by the kernel during the runs; peak RSS {:.0} MiB",
-        args.size,
-        args.receivers,
+         message counted ({} sent, {} received in the last run); raw = one stream per message, \
+         read one after another; raw conc = read concurrently; raw dlv = read concurrently, \
+         whole, into bounded mailboxes ({MAILBOX_CAPACITY}) drained by other tasks; 1 stream = \
+         all messages length-prefixed on one stream; ratio = ours / the baseline before it; \
+         rcvbuf = UDP receive-buffer drops seen by the kernel during the runs; peak RSS {:.0} MiB",
+        list(|c| c.size),
+        list(|c| c.receivers),
         args.runtime,
         if args.coalesce { "on" } else { "off" },
         args.repeat,
@@ -175,19 +306,18 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         rows.last().map_or(0, |r| r.received),
         rows.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
     );
-    Ok(())
 }
 
 /// `--only-cluster-throughput` / `--only-cluster-rtt`: our throughput or round trips alone, one
 /// line per run (for profiling).
-async fn cluster_only<T: Transport>(args: &BenchArgs) -> Result<()> {
+async fn cluster_only<T: Transport>(args: &BenchArgs, case: &Case) -> Result<()> {
     let ca = ClusterCa::generate("bench")?;
     for _ in 0..args.repeat {
         if args.only_cluster_rtt {
-            let (p50, p99) = cluster_rtt::<T>(&ca, args).await?;
+            let (p50, p99) = cluster_rtt::<T>(&ca, case).await?;
             println!("{}: p50 {p50:.1} us, p99 {p99:.1} us", T::NAME);
         } else {
-            let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
+            let (sent, received, rate) = cluster_throughput::<T>(&ca, case).await?;
             println!(
                 "{}: {rate:.0} msgs/s ({sent} sent, {received} received)",
                 T::NAME
@@ -197,7 +327,11 @@ async fn cluster_only<T: Transport>(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The median of `v`; `NaN` when every run of that measurement failed.
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -208,35 +342,53 @@ fn p50_p99(samples: Vec<Duration>) -> (f64, f64) {
     (l.p50_us, l.p99_us)
 }
 
-async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
+/// One backend, one case: `--repeat` rounds, each running every baseline and ours one after
+/// the other (so a slow patch of a noisy machine hits all alike), then the medians.
+async fn bench_backend<T: Transport>(args: &BenchArgs, case: &Case) -> Result<Row> {
     let ca = ClusterCa::generate("bench")?;
     let drops_before = udp_rcvbuf_errors();
     let (mut ours, mut raws, mut p50s, mut p99s, mut raw_p50s, mut raw_p99s) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut raw_concs = vec![];
+    let (mut raw_concs, mut raw_dlvs, mut raw_ones) = (vec![], vec![], vec![]);
     let mut last = (0, 0);
+    let mut failures = Vec::new();
+    let limit = run_limit(case);
     for _ in 0..args.repeat {
-        let raw = raw_throughput::<T>(&ca, args, false).await?;
-        raw_concs.push(raw_throughput::<T>(&ca, args, true).await?);
-        let (sent, received, rate) = cluster_throughput::<T>(&ca, args).await?;
-        let (raw50, raw99) = raw_rtt::<T>(&ca, args).await?;
-        let (p50, p99) = cluster_rtt::<T>(&ca, args).await?;
-        ours.push(rate);
-        raws.push(raw);
-        p50s.push(p50);
-        p99s.push(p99);
-        raw_p50s.push(raw50);
-        raw_p99s.push(raw99);
-        last = (sent, received);
+        let f = &mut failures;
+        let naive = raw_throughput::<T>(&ca, case, RawReceiver::Naive);
+        raws.extend(measured::<T, _>(f, case, "raw", limit, naive).await);
+        let conc = raw_throughput::<T>(&ca, case, RawReceiver::Concurrent);
+        raw_concs.extend(measured::<T, _>(f, case, "raw_concurrent", limit, conc).await);
+        let dlv = raw_throughput::<T>(&ca, case, RawReceiver::Delivering);
+        raw_dlvs.extend(measured::<T, _>(f, case, "raw_delivering", limit, dlv).await);
+        let one = raw_one_stream::<T>(&ca, case);
+        raw_ones.extend(measured::<T, _>(f, case, "raw_one_stream", limit, one).await);
+        let cluster = cluster_throughput::<T>(&ca, case);
+        if let Some((sent, received, rate)) =
+            measured::<T, _>(f, case, "ours", limit, cluster).await
+        {
+            ours.push(rate);
+            last = (sent, received);
+        }
+        let rtt = raw_rtt::<T>(&ca, case);
+        if let Some((raw50, raw99)) = measured::<T, _>(f, case, "raw_rtt", limit, rtt).await {
+            raw_p50s.push(raw50);
+            raw_p99s.push(raw99);
+        }
+        let rtt = cluster_rtt::<T>(&ca, case);
+        if let Some((p50, p99)) = measured::<T, _>(f, case, "ours_rtt", limit, rtt).await {
+            p50s.push(p50);
+            p99s.push(p99);
+        }
     }
     let (msgs, raw, p50, raw_p50) = (median(ours), median(raws), median(p50s), median(raw_p50s));
-    let raw_conc = median(raw_concs);
+    let (raw_conc, raw_dlv, raw_one) = (median(raw_concs), median(raw_dlvs), median(raw_ones));
     Ok(Row {
         backend: T::NAME,
         runtime: args.runtime,
-        size: args.size,
-        receivers: args.receivers,
-        coalescing: args.coalesce,
+        size: case.size,
+        receivers: case.receivers,
+        coalescing: case.coalesce,
         runs: args.repeat,
         sent: last.0,
         received: last.1,
@@ -245,6 +397,10 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
         throughput_ratio: msgs / raw,
         raw_concurrent_msgs_per_sec: raw_conc,
         concurrent_ratio: msgs / raw_conc,
+        raw_delivering_msgs_per_sec: raw_dlv,
+        delivering_ratio: msgs / raw_dlv,
+        raw_one_stream_msgs_per_sec: raw_one,
+        one_stream_ratio: msgs / raw_one,
         p50_us: p50,
         p99_us: median(p99s),
         raw_p50_us: raw_p50,
@@ -252,13 +408,63 @@ async fn bench_backend<T: Transport>(args: &BenchArgs) -> Result<Row> {
         p50_ratio: p50 / raw_p50,
         udp_rcvbuf_errors: udp_rcvbuf_errors().saturating_sub(drops_before),
         peak_rss_mib: peak_rss_mib(),
+        failures,
     })
 }
 
+/// How long one measurement may take before it counts as stuck: with `--duration`, five times
+/// the sending time plus 20 s to drain; with `--messages`, no limit beyond the runs' own.
+/// (A receiver that reads streams one after another can deadlock for good on large messages:
+/// the connection's flow-control credit goes to later streams it does not read yet, and the
+/// sender then waits for stream credit forever.)
+fn run_limit(case: &Case) -> Option<Duration> {
+    match case.messages {
+        Some(_) => None,
+        None => Some(Duration::from_secs_f64(case.duration * 5.0 + 20.0)),
+    }
+}
+
+/// Runs one measurement within `limit`: its result, or `None` with the reason added to
+/// `failures` (the measurement's tasks, connections and nodes are dropped with the future).
+async fn measured<T: Transport, X>(
+    failures: &mut Vec<String>,
+    case: &Case,
+    what: &str,
+    limit: Option<Duration>,
+    run: impl Future<Output = Result<X>>,
+) -> Option<X> {
+    tracing::debug!(backend = T::NAME, ?case, "bench: {what}");
+    let result = match limit {
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow!("no result after {limit:?}, given up")),
+        },
+        None => run.await,
+    };
+    match result {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(backend = T::NAME, ?case, "bench: {what} failed: {e:#}");
+            failures.push(format!("{what}: {e:#}"));
+            None
+        }
+    }
+}
+
+/// A spawned task aborted when this is dropped (so a measurement given up on leaves none
+/// behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `sender` connected to `receiver`, once both ends see the link.
-async fn nodes<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(Node, Node)> {
+async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)> {
     let mut config = NodeConfig::default();
-    if args.coalesce {
+    if case.coalesce {
         config.coalescing = Some(Coalescing::default());
     }
     Ok(rusm_testkit::linked_pair::<T>(ca, "sender", "receiver", config, BENCH_DEADLINE).await?)
@@ -266,19 +472,16 @@ async fn nodes<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(Node, 
 
 /// Sends for `--duration` (or `--messages`), then waits until the receivers counted every one.
 /// Returns (sent, received, messages/s from the first send to the last receive).
-async fn cluster_throughput<T: Transport>(
-    ca: &ClusterCa,
-    args: &BenchArgs,
-) -> Result<(u64, u64, f64)> {
-    let (a, b) = nodes::<T>(ca, args).await?;
+async fn cluster_throughput<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(u64, u64, f64)> {
+    let (a, b) = nodes::<T>(ca, case).await?;
     let received = Tally::new();
-    let pids: Vec<_> = (0..args.receivers)
+    let pids: Vec<_> = (0..case.receivers)
         .map(|_| rusm_testkit::counting_receiver(&b, received.clone()))
         .collect();
-    let payload = Bytes::from(vec![0xab; args.size]);
+    let payload = Bytes::from(vec![0xab; case.size]);
     let start = Instant::now();
     let mut sent = 0u64;
-    while keep_sending(args, sent, start) {
+    while keep_sending(case, sent, start) {
         let to = &pids[(sent % pids.len() as u64) as usize];
         a.send_to(to, payload.clone()).await?;
         sent += 1;
@@ -294,21 +497,21 @@ async fn cluster_throughput<T: Transport>(
 
 /// Whether a throughput run goes on: until `--messages` are sent, or for `--duration` (the clock
 /// is read every 256 messages).
-fn keep_sending(args: &BenchArgs, sent: u64, start: Instant) -> bool {
-    match args.messages {
+fn keep_sending(case: &Case, sent: u64, start: Instant) -> bool {
+    match case.messages {
         Some(n) => sent < n,
         None => {
-            !sent.is_multiple_of(256) || start.elapsed() < Duration::from_secs_f64(args.duration)
+            !sent.is_multiple_of(256) || start.elapsed() < Duration::from_secs_f64(case.duration)
         }
     }
 }
 
 /// Ping-pong between a process on each node. Returns (p50, p99) in µs.
-async fn cluster_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
-    let (a, b) = nodes::<T>(ca, args).await?;
+async fn cluster_rtt<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(f64, f64)> {
+    let (a, b) = nodes::<T>(ca, case).await?;
     let echo = rusm_testkit::echo(&b);
-    let n = args.round_trips.max(10);
-    let ping = Bytes::from(vec![0xcd; args.size]);
+    let n = case.round_trips.max(10);
+    let ping = Bytes::from(vec![0xcd; case.size]);
     let samples = rusm_testkit::round_trips(&a, &echo, ping, n as u64, true, BENCH_DEADLINE)
         .await?
         .samples;
@@ -353,66 +556,228 @@ async fn raw_send<C: Connection>(conn: &C, payload: &Bytes) -> Result<()> {
     Ok(())
 }
 
-/// The raw stack: one sender writing one uni-stream per message in sequence; the receiver reads
-/// one stream after another (naive) or all of them concurrently. Returns messages/s.
+/// Reads a stream to its end and returns its data in one piece (without a copy when the stack
+/// gave it in one chunk, as it does for small messages).
+async fn read_whole<R: RecvStream>(mut s: R) -> Bytes {
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    while let Ok(Some(chunk)) = s.read_chunk().await {
+        if first.is_none() && joined.is_empty() {
+            first = Some(chunk);
+            continue;
+        }
+        if let Some(f) = first.take() {
+            joined.extend_from_slice(&f);
+        }
+        joined.extend_from_slice(&chunk);
+    }
+    first.unwrap_or_else(|| joined.freeze())
+}
+
+/// How the receiver of a one-stream-per-message raw baseline treats its streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RawReceiver {
+    /// One stream after another, counting bytes (`raw`).
+    Naive,
+    /// Every stream concurrently, counting bytes (`raw_concurrent`).
+    Concurrent,
+    /// Every stream concurrently, each read whole and sent into a bounded mailbox that another
+    /// task drains and counts (`raw_delivering`).
+    Delivering,
+}
+
+/// The raw stack: one sender writing one uni-stream per message in sequence; the receiver as
+/// `receiver` says. Returns messages/s from the first send to the last count.
 async fn raw_throughput<T: Transport>(
     ca: &ClusterCa,
-    args: &BenchArgs,
-    concurrent: bool,
+    case: &Case,
+    receiver: RawReceiver,
 ) -> Result<f64> {
     let (server, client, out, inc) = raw_pair::<T>(ca).await?;
     let received = Tally::new();
     let counter = received.clone();
-    let reader = tokio::spawn(async move {
-        if !concurrent {
-            while let Ok(Some(s)) = inc.accept_uni().await {
-                let n = read_to_end(s).await;
-                counter.count(n as u64);
-            }
-            return;
+    // `Delivering`: one bounded mailbox per receiver, each drained by a task of its own.
+    let mut mailboxes = Vec::new();
+    let mut consumers = Vec::new();
+    if receiver == RawReceiver::Delivering {
+        for _ in 0..case.receivers {
+            let (tx, mut rx) = mpsc::channel::<Bytes>(MAILBOX_CAPACITY);
+            let counter = counter.clone();
+            mailboxes.push(tx);
+            consumers.push(AbortOnDrop(tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    let len = msg.len() as u64;
+                    drop(msg);
+                    counter.count(len);
+                }
+            })));
         }
-        let mut reads = FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                Some(n) = reads.next(), if !reads.is_empty() => {
+    }
+    let reader = AbortOnDrop(tokio::spawn(async move {
+        match receiver {
+            RawReceiver::Naive => {
+                while let Ok(Some(s)) = inc.accept_uni().await {
+                    let n = read_to_end(s).await;
                     counter.count(n as u64);
                 }
-                s = inc.accept_uni() => match s {
-                    Ok(Some(s)) => reads.push(read_to_end(s)),
-                    _ => break,
-                },
+            }
+            RawReceiver::Concurrent => {
+                let mut reads = FuturesUnordered::new();
+                loop {
+                    tokio::select! {
+                        Some(n) = reads.next(), if !reads.is_empty() => {
+                            counter.count(n as u64);
+                        }
+                        s = inc.accept_uni() => match s {
+                            Ok(Some(s)) => reads.push(read_to_end(s)),
+                            _ => break,
+                        },
+                    }
+                }
+            }
+            RawReceiver::Delivering => {
+                let mut reads = FuturesUnordered::new();
+                let mut next = 0usize;
+                loop {
+                    tokio::select! {
+                        Some(msg) = reads.next(), if !reads.is_empty() => {
+                            // Round-robin, as the sender of our runs addresses its receivers.
+                            let mailbox: &mpsc::Sender<Bytes> = &mailboxes[next % mailboxes.len()];
+                            next = next.wrapping_add(1);
+                            if mailbox.send(msg).await.is_err() {
+                                break;
+                            }
+                        }
+                        s = inc.accept_uni() => match s {
+                            Ok(Some(s)) => reads.push(read_whole(s)),
+                            _ => break,
+                        },
+                    }
+                }
             }
         }
-    });
-    let payload = Bytes::from(vec![0xab; args.size]);
+    }));
+    let payload = Bytes::from(vec![0xab; case.size]);
     let start = Instant::now();
     let mut sent = 0u64;
-    while keep_sending(args, sent, start) {
+    while keep_sending(case, sent, start) {
         raw_send(&out, &payload).await?;
         sent += 1;
     }
     received.wait_for(sent, BENCH_DEADLINE).await?;
     let rate = sent as f64 / start.elapsed().as_secs_f64();
     out.close(0, b"done");
-    reader.abort();
+    drop((reader, consumers));
+    client.close();
+    server.close();
+    Ok(rate)
+}
+
+/// Splits a byte stream of messages, each prefixed with its length (u32, big-endian), into the
+/// messages, whatever the chunk boundaries. Whole messages inside a chunk are not copied.
+#[derive(Default, Debug)]
+struct LengthPrefixed {
+    /// The start of a message split across chunks.
+    pending: BytesMut,
+}
+
+impl LengthPrefixed {
+    /// Feeds the next chunk; calls `message` with each message it completes, in order.
+    fn feed(&mut self, mut chunk: Bytes, mut message: impl FnMut(Bytes)) {
+        if !self.pending.is_empty() {
+            if self.pending.len() < 4 {
+                let take = (4 - self.pending.len()).min(chunk.len());
+                self.pending.extend_from_slice(&chunk.split_to(take));
+                if self.pending.len() < 4 {
+                    return;
+                }
+            }
+            let whole = 4 + frame_len(&self.pending);
+            let take = (whole - self.pending.len()).min(chunk.len());
+            self.pending.extend_from_slice(&chunk.split_to(take));
+            if self.pending.len() < whole {
+                return;
+            }
+            self.pending.advance(4);
+            message(self.pending.split().freeze());
+        }
+        while chunk.len() >= 4 && chunk.len() >= 4 + frame_len(&chunk) {
+            let len = frame_len(&chunk);
+            chunk.advance(4);
+            message(chunk.split_to(len));
+        }
+        self.pending.extend_from_slice(&chunk);
+    }
+}
+
+/// The length in a message's 4-byte prefix at the start of `buf` (at least 4 bytes long).
+fn frame_len(buf: &[u8]) -> usize {
+    u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// The stack's ceiling: every message length-prefixed on one uni-stream, written in batches of
+/// [`ONE_STREAM_BATCH`] bytes (a payload that size or larger is written as is, after its
+/// prefix, without a copy); the receiver splits and counts them. Returns messages/s from the
+/// first send to the last count.
+async fn raw_one_stream<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<f64> {
+    let (server, client, out, inc) = raw_pair::<T>(ca).await?;
+    let received = Tally::new();
+    let counter = received.clone();
+    let reader = AbortOnDrop(tokio::spawn(async move {
+        let Ok(Some(mut s)) = inc.accept_uni().await else {
+            return;
+        };
+        let mut frames = LengthPrefixed::default();
+        while let Ok(Some(chunk)) = s.read_chunk().await {
+            frames.feed(chunk, |msg| counter.count(msg.len() as u64));
+        }
+    }));
+    let payload = Bytes::from(vec![0xab; case.size]);
+    let large = payload.len() >= ONE_STREAM_BATCH;
+    let start = Instant::now();
+    let mut s = out.open_uni().await?;
+    let mut buf = BytesMut::with_capacity(ONE_STREAM_BATCH + 4 + payload.len());
+    let mut sent = 0u64;
+    while keep_sending(case, sent, start) {
+        buf.put_u32(payload.len() as u32);
+        if large {
+            s.write_all_chunks(&mut [buf.split().freeze(), payload.clone()])
+                .await?;
+        } else {
+            buf.extend_from_slice(&payload);
+            if buf.len() >= ONE_STREAM_BATCH {
+                s.write(buf.split().freeze()).await?;
+                buf.reserve(ONE_STREAM_BATCH + 4 + payload.len());
+            }
+        }
+        sent += 1;
+    }
+    if !buf.is_empty() {
+        s.write(buf.split().freeze()).await?;
+    }
+    s.finish()?;
+    received.wait_for(sent, BENCH_DEADLINE).await?;
+    let rate = sent as f64 / start.elapsed().as_secs_f64();
+    out.close(0, b"done");
+    drop(reader);
     client.close();
     server.close();
     Ok(rate)
 }
 
 /// Raw ping-pong: a uni-stream each way per round trip. Returns (p50, p99) in µs.
-async fn raw_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64, f64)> {
+async fn raw_rtt<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(f64, f64)> {
     let (server, client, out, inc) = raw_pair::<T>(ca).await?;
-    let echo = tokio::spawn(async move {
+    let echo = AbortOnDrop(tokio::spawn(async move {
         while let Ok(Some(s)) = inc.accept_uni().await {
             let n = read_to_end(s).await;
             if raw_send(&inc, &Bytes::from(vec![0xcd; n])).await.is_err() {
                 break;
             }
         }
-    });
-    let ping = Bytes::from(vec![0xcd; args.size]);
-    let n = args.round_trips.max(10);
+    }));
+    let ping = Bytes::from(vec![0xcd; case.size]);
+    let n = case.round_trips.max(10);
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -424,7 +789,7 @@ async fn raw_rtt<T: Transport>(ca: &ClusterCa, args: &BenchArgs) -> Result<(f64,
         samples.push(t.elapsed());
     }
     out.close(0, b"done");
-    echo.abort();
+    drop(echo);
     client.close();
     server.close();
     Ok(p50_p99(samples))
@@ -457,4 +822,60 @@ fn peak_rss_mib() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(messages: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in messages {
+            out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn length_prefixed_messages_survive_any_chunking() {
+        let messages: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; i as usize * 7]).collect();
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let stream = framed(&refs);
+        for chunk_size in [1, 2, 3, 4, 5, 7, 64, 1000, stream.len()] {
+            let mut frames = LengthPrefixed::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(chunk_size) {
+                frames.feed(Bytes::copy_from_slice(chunk), |m| got.push(m.to_vec()));
+            }
+            assert_eq!(got, messages, "chunks of {chunk_size}");
+            assert!(frames.pending.is_empty());
+        }
+    }
+
+    #[test]
+    fn lists_and_the_matrix_make_one_case_per_size_and_receiver_count() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let cases = |argv: &[&str]| -> Vec<(usize, usize)> {
+            let cli =
+                Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).unwrap();
+            cli.bench
+                .cases()
+                .iter()
+                .map(|c| (c.size, c.receivers))
+                .collect()
+        };
+        assert_eq!(cases(&[]), [(64, 1)]);
+        assert_eq!(
+            cases(&["--size", "64,1024", "-k", "1,8"]),
+            [(64, 1), (64, 8), (1024, 1), (1024, 8)]
+        );
+        assert_eq!(cases(&["--matrix"]).len(), 6);
+        assert!(Cli::try_parse_from(["bench", "--matrix", "--size", "64"]).is_err());
+    }
 }

@@ -4,8 +4,12 @@
 //!   authentication, the mesh, cross-node messaging by local and global name, per-pair order,
 //!   remote spawn and a call, a monitor firing on a kill, an attach report and a rejected
 //!   impostor. Exits 0 only if every step did what it says.
-//! - `rusm bench`: cross-node throughput and round trip on both backends, each next to a raw
-//!   QUIC baseline measured in the same run, counting every message (`--json` for machines).
+//! - `rusm bench`: cross-node throughput and round trip on both backends, each next to raw
+//!   QUIC baselines measured in the same run (one stream per message, the same delivering into
+//!   mailboxes, one buffered stream), counting every message (`--json` for machines; lists of
+//!   payload sizes and receiver counts, or `--matrix`).
+//! - `rusm plot --input BENCH.json [--input ...] --output CHART.svg`: a grouped bar chart (SVG)
+//!   of `rusm bench --json` output.
 //! - `rusm bench-mesh`: how fast nodes joining through one member form the full mesh and agree
 //!   on their global names.
 //! - `rusm bench-flood`: a `rusm node`'s resident memory under a flood of connections that
@@ -24,6 +28,7 @@ mod demo;
 mod flood_bench;
 mod mesh_bench;
 mod node_cmd;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +49,9 @@ enum Command {
     Demo,
     /// Measure cross-node throughput and round trip against a raw QUIC baseline, per backend.
     Bench(bench::BenchArgs),
+    /// Draw `rusm bench --json` output as an SVG grouped bar chart (msgs/s per backend, ours
+    /// against the raw baselines).
+    Plot(plot::PlotArgs),
     /// Measure how fast nodes joining through one member form a full mesh and agree on their
     /// global names.
     BenchMesh(mesh_bench::MeshArgs),
@@ -91,6 +99,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Plot(args) => plot::run(&args),
             Command::BenchMesh(args) => mesh_bench::run(args).await,
             Command::BenchFlood(args) => flood_bench::run(args).await,
             Command::Ca(args) => ca::run(args),
