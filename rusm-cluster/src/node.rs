@@ -111,9 +111,10 @@ impl Default for Reconnect {
 /// messages that queued up while it wrote the previous stream on one stream together, up to
 /// `max_stream_bytes`. Under load this trades the one-stream-per-message wire shape (unrelated
 /// messages never wait on each other) for far fewer streams — 4 to 11 times the messages per
-/// second for small messages (see the README's performance section); when idle, a message
-/// still leaves at once on a stream of its own, one task hop later (a few microseconds more per
-/// round trip). Per-pair order holds either way.
+/// second for small messages (see the README's performance section). A message sent after the
+/// link had nothing to write for `direct_after_idle` is written at once from the
+/// sender's task on a stream of its own, as on the default path, so an idle link's round trip
+/// pays no task hop. Per-pair order holds either way.
 ///
 /// A send then returns once the message is queued (it waits while `max_queued_bytes` are
 /// queued, which is the backpressure; the writer also keeps at most 4 written streams
@@ -135,6 +136,11 @@ pub struct Coalescing {
     pub max_stream_bytes: usize,
     /// Bytes of messages one link may hold queued before senders wait. Default 4 MiB.
     pub max_queued_bytes: usize,
+    /// A message sent when the link has had nothing to write for this long (nothing queued,
+    /// nothing being written) is written directly by its sender (no task hop); one sent sooner
+    /// queues for the writer. Default 20 µs: a request/response exchange goes direct, a stream of sends
+    /// coalesces. `None` always queues.
+    pub direct_after_idle: Option<Duration>,
 }
 
 impl Default for Coalescing {
@@ -142,6 +148,7 @@ impl Default for Coalescing {
         Coalescing {
             max_stream_bytes: 256 << 10,
             max_queued_bytes: 4 << 20,
+            direct_after_idle: Some(Duration::from_micros(20)),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Opt-in coalescing ([`Coalescing`]): senders queue envelopes on the link, and one writer per
 //! link carries what queued up on shared streams, with at most a few streams unacknowledged.
+//! A message sent while nothing is queued or being written goes out at once from the sender's
+//! task, on a stream of its own (as on the default path): an idle link pays no task hop, and
+//! coalescing starts only once messages queue up behind it.
 
 use super::*;
 
@@ -20,6 +23,11 @@ pub(super) struct OutboxState {
     pub(super) batches: VecDeque<Batch>,
     /// Messages in the batch the writer is writing.
     pub(super) writing: usize,
+    /// Messages senders are writing themselves, the queue having been empty.
+    pub(super) direct: usize,
+    /// When the link last had nothing left to write (the writer done with its last batch, or a
+    /// direct write over); `None` until it has written anything.
+    pub(super) idle_since: Option<std::time::Instant>,
     pub(super) seqs: Numbering,
     /// The link is down: nothing more is queued.
     pub(super) down: bool,
@@ -84,7 +92,7 @@ pub(super) async fn enqueue(
     let Ok(permit) = outbox.space.acquire_many(charge as u32).await else {
         return not_connected(payload);
     };
-    {
+    let direct = {
         let mut state = lock(&outbox.state);
         if state.down {
             return not_connected(payload);
@@ -97,6 +105,57 @@ pub(super) async fn enqueue(
             seq,
             len: payload.len() as u64,
         };
+        // Direct only when nothing is queued or being written, and the link has been idle for a
+        // while (read the clock only then: a busy link never does).
+        let idle = state.batches.is_empty()
+            && state.writing == 0
+            && state.direct == 0
+            && outbox
+                .config
+                .direct_after_idle
+                .is_some_and(|gap| state.idle_since.is_none_or(|t| t.elapsed() >= gap));
+        if idle {
+            state.direct += 1;
+            Some(header)
+        } else {
+            queue(outbox, &mut state, header, &payload, charge);
+            None
+        }
+    };
+    if let Some(header) = direct {
+        // Nothing queued ahead: written from here, holding no queue space.
+        drop(permit);
+        let _writing = Direct(outbox);
+        return link.sender.send_numbered(link, header, payload).await;
+    }
+    // The space is given back by the writer; the send stays counted in progress until the
+    // writer is done with it, so a goodbye waits for the queue to drain.
+    permit.forget();
+    std::mem::forget(active);
+    outbox.ready.notify_one();
+    Ok(())
+}
+
+/// A sender writing a message itself; the next message queues until it is done.
+struct Direct<'a>(&'a Outbox);
+
+impl Drop for Direct<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.direct -= 1;
+        state.idle_since = Some(std::time::Instant::now());
+    }
+}
+
+/// Appends a numbered message to the last batch (or a new one), under the queue's lock.
+fn queue(
+    outbox: &Outbox,
+    state: &mut OutboxState,
+    header: EnvelopeHeader,
+    payload: &Bytes,
+    charge: usize,
+) {
+    {
         let open = state
             .batches
             .back()
@@ -108,22 +167,16 @@ pub(super) async fn enqueue(
         let size = encoded_header_len(&header) + payload.len();
         encode_header_into(&header, &mut batch.tail);
         if payload.len() <= COALESCE_MAX {
-            batch.tail.extend_from_slice(&payload);
+            batch.tail.extend_from_slice(payload);
         } else {
             let head = batch.tail.split().freeze();
             batch.chunks.push(head);
-            batch.chunks.push(payload);
+            batch.chunks.push(payload.clone());
         }
         batch.bytes += size;
         batch.charged += charge;
         batch.messages += 1;
     }
-    // The space is given back by the writer; the send stays counted in progress until the
-    // writer is done with it, so a goodbye waits for the queue to drain.
-    permit.forget();
-    std::mem::forget(active);
-    outbox.ready.notify_one();
-    Ok(())
 }
 
 /// The writer of a coalescing link: takes each batch in turn and writes it on a stream of its
@@ -188,7 +241,13 @@ pub(super) async fn write_loop<C: Connection>(
             Err(e) => Err(e),
         };
         outbox.space.add_permits(charged);
-        lock(&outbox.state).writing = 0;
+        {
+            let mut state = lock(&outbox.state);
+            state.writing = 0;
+            if state.batches.is_empty() {
+                state.idle_since = Some(std::time::Instant::now());
+            }
+        }
         match written {
             Ok(()) => {
                 link.sent.fetch_add(messages as u64, Ordering::Relaxed);

@@ -14,6 +14,14 @@ pub(super) trait LinkSender: Send + Sync {
         to: Dest,
         payload: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;
+    /// Writes one message already numbered (by a coalescing link's queue) on a stream of its
+    /// own; the caller counts it in progress.
+    fn send_numbered<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        header: EnvelopeHeader,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;
     fn rtt(&self) -> Option<Duration>;
     fn close(&self, code: u32, reason: &str);
 }
@@ -29,6 +37,14 @@ impl<C: Connection> LinkSender for TypedSender<C> {
         payload: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>> {
         Box::pin(send_message(&self.0, link, from, to, payload))
+    }
+    fn send_numbered<'a>(
+        &'a self,
+        link: &'a LinkHandle,
+        header: EnvelopeHeader,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>> {
+        Box::pin(send_numbered(&self.0, link, header, payload))
     }
     fn rtt(&self) -> Option<Duration> {
         self.0.rtt()
@@ -50,20 +66,10 @@ pub(super) async fn send_message<C: Connection>(
         let node = link.peer.clone();
         return Err(SendError::new(Error::NotConnected { node }, payload));
     };
-    let stream = match conn.open_uni().await {
+    let stream = match open_stream(conn, link).await {
         Ok(s) => s,
-        Err(e) => {
-            let error = if e.is_connection_error() {
-                Error::NotConnected {
-                    node: link.peer.clone(),
-                }
-            } else {
-                Error::Transport(e)
-            };
-            return Err(SendError::new(error, payload));
-        }
+        Err(error) => return Err(SendError::new(error, payload)),
     };
-    link.streams.fetch_add(1, Ordering::Relaxed);
     // Numbered only once the stream exists, so a send cancelled while waiting for stream credit
     // leaves no gap; from here on, the guard reports the number lost unless the write finishes.
     let (seq, to) = link.next_seq(from, to);
@@ -73,15 +79,66 @@ pub(super) async fn send_message<C: Connection>(
         seq,
         len: payload.len() as u64,
     };
+    write_message(link, stream, header, payload).await
+}
+
+/// Opens a message's stream; the error a sender sees if it cannot.
+async fn open_stream<C: Connection>(conn: &C, link: &LinkHandle) -> Result<C::SendStream, Error> {
+    match conn.open_uni().await {
+        Ok(s) => {
+            link.streams.fetch_add(1, Ordering::Relaxed);
+            Ok(s)
+        }
+        Err(e) if e.is_connection_error() => Err(Error::NotConnected {
+            node: link.peer.clone(),
+        }),
+        Err(e) => Err(Error::Transport(e)),
+    }
+}
+
+/// Writes one message numbered before its stream opened (a coalescing link writing directly
+/// while its queue is empty): if the stream never opens, or the send is dropped meanwhile, the
+/// peer is told the number is lost, as for a write that fails.
+pub(super) async fn send_numbered<C: Connection>(
+    conn: &C,
+    link: &LinkHandle,
+    header: EnvelopeHeader,
+    payload: Bytes,
+) -> Result<(), SendError> {
+    let mut unopened = LostGuard::<C::SendStream> {
+        link,
+        notice: Some(header.clone()),
+        stream: None,
+    };
+    let stream = match open_stream(conn, link).await {
+        Ok(s) => s,
+        Err(error) => {
+            if let Some(node) = link.node.upgrade() {
+                node.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(SendError::new(error, payload));
+        }
+    };
+    unopened.notice = None;
+    write_message(link, stream, header, payload).await
+}
+
+/// Writes a numbered message on its open stream, counting the outcome.
+async fn write_message<S: SendStream>(
+    link: &LinkHandle,
+    stream: S,
+    header: EnvelopeHeader,
+    payload: Bytes,
+) -> Result<(), SendError> {
     let mut buf =
         BytesMut::with_capacity(encoded_header_len(&header) + payload.len().min(COALESCE_MAX));
     encode_header_into(&header, &mut buf);
     let mut lost = LostGuard {
         link,
         notice: Some(header),
-        stream,
+        stream: Some(stream),
     };
-    let stream = &mut lost.stream;
+    let stream = lost.stream.as_mut().expect("the stream was just put there");
     let write = if payload.len() <= COALESCE_MAX {
         // A small message goes out as one contiguous chunk: one STREAM frame, one chunk for the
         // receiver to take, instead of two of each; copying a few hundred bytes is cheaper.
@@ -126,19 +183,21 @@ pub(super) async fn send_message<C: Connection>(
     }
 }
 
-/// Unless disarmed, resets the message's stream with [`stream_code::CANCELLED`] (so the peer
-/// drops what arrived of it instead of reading a truncated message) and tells the peer the
-/// numbered message will never arrive whole.
+/// Unless disarmed, resets the message's stream, if it has one, with
+/// [`stream_code::CANCELLED`] (so the peer drops what arrived of it instead of reading a
+/// truncated message) and tells the peer the numbered message will never arrive whole.
 pub(super) struct LostGuard<'a, S: SendStream> {
     pub(super) link: &'a LinkHandle,
     pub(super) notice: Option<EnvelopeHeader>,
-    pub(super) stream: S,
+    pub(super) stream: Option<S>,
 }
 
 impl<S: SendStream> Drop for LostGuard<'_, S> {
     fn drop(&mut self) {
         if let Some(h) = self.notice.take() {
-            self.stream.reset(stream_code::CANCELLED);
+            if let Some(stream) = &mut self.stream {
+                stream.reset(stream_code::CANCELLED);
+            }
             let _ = self.link.control.send(Frame::Lost {
                 from: h.from,
                 to: h.to,
