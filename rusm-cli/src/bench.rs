@@ -13,9 +13,10 @@
 //! Our figures are printed as ratios of them. Every sent message is counted at the receiver; a
 //! run that loses one fails. A failed (or stuck: see [`run_limit`]) measurement does not stop
 //! the others: its figures are `NaN` in the table and `null` in the JSON, the row lists why in
-//! `failures`, and the command exits with an error after printing everything. `--size` and `--receivers` take lists (`--size 64,1024,65536
-//! --receivers 1,8`, or `--matrix` for exactly that): one row per backend, size and receiver
-//! count.
+//! `failures`, and the command exits with an error after printing everything.
+//!
+//! `--size` and `--receivers` take lists (`--size 64,1024,65536 --receivers 1,8`, or
+//! `--matrix` for exactly that): one row per backend, size and receiver count.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -284,6 +285,8 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
             r.udp_rcvbuf_errors,
         );
     }
+    // The last row whose own throughput run went through.
+    let last_run = rows.iter().rev().find(|r| r.sent > 0);
     let list = |f: fn(&Case) -> usize| {
         let mut v: Vec<usize> = cases.iter().map(f).collect();
         v.sort_unstable();
@@ -292,7 +295,7 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
     };
     println!(
         "{} B payloads, {} receiver(s), {:?} runtime, coalescing {}, medians of {} run(s); every \
-         message counted ({} sent, {} received in the last run); raw = one stream per message, \
+         message counted ({} sent, {} received in our last run); raw = one stream per message, \
          read one after another; raw conc = read concurrently; raw dlv = read concurrently, \
          whole, into bounded mailboxes ({MAILBOX_CAPACITY}) drained by other tasks; 1 stream = \
          all messages length-prefixed on one stream; ratio = ours / the baseline before it; \
@@ -302,8 +305,8 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
         args.runtime,
         if args.coalesce { "on" } else { "off" },
         args.repeat,
-        rows.last().map_or(0, |r| r.sent),
-        rows.last().map_or(0, |r| r.received),
+        last_run.map_or(0, |r| r.sent),
+        last_run.map_or(0, |r| r.received),
         rows.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
     );
 }

@@ -183,7 +183,7 @@ fn chart_of(rows: &[BenchRow], title: Option<String>) -> Chart {
     };
     let title = title.unwrap_or_else(|| {
         format!(
-            "Messages/s between two nodes on loopback: {} B payloads, K = {} receiver(s)",
+            "Messages/s, two nodes on loopback: {} B payloads, K = {}",
             join(&sizes),
             join(&ks)
         )
@@ -262,7 +262,11 @@ impl Chart {
         let n_series = self.series.len().max(1) as f64;
         let n_groups = self.groups.len().max(1) as f64;
         let group_w = n_series * BAR_W + (n_series - 1.0) * BAR_GAP;
-        let width = (LEFT + RIGHT + n_groups * (group_w + GROUP_GAP)).max(MIN_WIDTH);
+        // Wide enough for the bars and for the title (bold 17 px: about 9.5 px a character).
+        let title_w = 9.5 * self.title.chars().count() as f64 + 40.0;
+        let width = (LEFT + RIGHT + n_groups * (group_w + GROUP_GAP))
+            .max(MIN_WIDTH)
+            .max(title_w);
         let plot_w = width - LEFT - RIGHT;
         let slot = plot_w / n_groups;
         let axis_y = TOP + PLOT_H;
