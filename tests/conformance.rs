@@ -70,6 +70,7 @@ macro_rules! matrix {
             case!(a_node_restarts_on_its_old_address);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);
+            case!(a_stream_of_large_messages_past_the_window_arrives);
             case!(soak_every_message_is_accounted_for);
 
             /// The long soak: five minutes (`cargo test --release -- --ignored soak_long`).

@@ -319,3 +319,42 @@ pub async fn large_and_small_messages_flow_together<T: Transport>() {
     assert_eq!(got.payload().len(), big.len());
     assert!(got.payload().iter().all(|&b| b == 7));
 }
+
+/// Many large messages in a row, far more than the connection's flow-control window (16 MiB)
+/// and the link's budget (16 MiB): all arrive, in order, and the link stays up. (A stack that
+/// spreads its sending over every open stream, as s2n does, once filled the window with parts
+/// of messages the receiver had no budget to take yet, none of them complete: the link stalled
+/// and was cut as misbehaving.)
+pub async fn a_stream_of_large_messages_past_the_window_arrives<T: Transport>() {
+    let (_ca, london, paris) = pair::<T>().await;
+    let (sink, mut inbox) = collector(&london);
+    const N: u32 = 1_000;
+    const LEN: usize = 64 << 10;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let to = sink.clone();
+    paris.spawn(move |ctx| async move {
+        for i in 0..N {
+            let mut b = vec![(i % 251) as u8; LEN];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            ctx.send_to(&to, Bytes::from(b)).await.unwrap();
+        }
+        done_tx.send(()).unwrap();
+    });
+    for i in 0..N {
+        let m = expect_within_test(recv(&mut inbox)).await;
+        let p = m.payload();
+        assert_eq!(p.len(), LEN);
+        assert_eq!(p[..4], i.to_be_bytes(), "message {i} out of order");
+        assert_eq!(p[LEN - 1], (i % 251) as u8);
+    }
+    expect_within_test(done_rx).await.unwrap();
+    assert_eq!(london.peers().len(), 1, "the link stayed up");
+    let s = london.stats();
+    assert_eq!((s.stalled_links, s.lost_messages), (0, 0));
+    assert_eq!(paris.stats().send_failures, 0);
+}
+
+/// Awaits `f` for at most 60 s (a long transfer in a debug build).
+async fn expect_within_test<F: std::future::Future>(f: F) -> F::Output {
+    rusm_testkit::expect_within("the transfer", std::time::Duration::from_secs(60), f).await
+}

@@ -104,6 +104,9 @@ pub(crate) struct LinkHandle {
     pub(crate) listen_addr: SocketAddr,
     /// Present when the link coalesces.
     outbox: Option<Outbox>,
+    /// Bytes of large messages written and not yet acknowledged by the peer (see
+    /// [`InFlight`]).
+    in_flight: InFlight,
     control: mpsc::UnboundedSender<Frame>,
     /// Pair numbers of a link that does not coalesce (a coalescing one keeps them in its
     /// outbox, under the lock it takes anyway).
@@ -292,6 +295,37 @@ impl LinkHandle {
     }
 }
 
+/// The bound on a link's large messages in flight. A message stream is only read once the
+/// receiver's link budget can take the whole message, and until then its data waits in the
+/// stack, counted against the connection's flow-control window. A sender with many large
+/// messages written at once could fill that window with parts of messages the receiver has no
+/// budget for yet, while the ones it admitted wait for data that can no longer come: a stack that
+/// spreads its sending over every open stream (s2n) did, and the link stalled. So a message that
+/// many streams' worth of could fill the window (`window / stream credit` bytes or more) takes
+/// its size from this allowance, half the smaller of the window and the budget, until the peer
+/// has acknowledged it: whatever is in flight, the receiver can admit all of it.
+pub(super) struct InFlight {
+    /// Messages at least this large are counted.
+    pub(super) from_bytes: usize,
+    pub(super) allowance: Arc<Semaphore>,
+    pub(super) max: usize,
+}
+
+impl InFlight {
+    fn new(config: &crate::NodeConfig) -> Self {
+        let window = config.tuning.connection_receive_window as usize;
+        let max = (window.min(config.link_budget_bytes) / 2)
+            .clamp(1, u32::MAX as usize)
+            .min(Semaphore::MAX_PERMITS);
+        let streams = config.tuning.max_concurrent_uni_streams.max(1) as usize;
+        InFlight {
+            from_bytes: (window / streams).max(1),
+            allowance: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
 /// A new link's id, unique between any two nodes with overwhelming odds: a hash of the dialler's
 /// name, incarnation and its count of links.
 fn new_link_id(inner: &NodeInner) -> u64 {
@@ -381,6 +415,7 @@ fn register<C: Connection>(
         },
         sender: Box::new(TypedSender(conn.clone())),
         outbox: node.inner.config.coalescing.map(Outbox::new),
+        in_flight: InFlight::new(&node.inner.config),
         control,
         seqs: Mutex::new(Numbering::new()),
         streams: AtomicU64::new(0),

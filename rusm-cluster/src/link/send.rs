@@ -66,6 +66,15 @@ pub(super) async fn send_message<C: Connection>(
         let node = link.peer.clone();
         return Err(SendError::new(Error::NotConnected { node }, payload));
     };
+    // A large message waits for its share of the in-flight allowance first (cancel safe:
+    // nothing is numbered or opened yet).
+    let allowance = match large_allowance(link, payload.len()).await {
+        Ok(a) => a,
+        Err(()) => {
+            let node = link.peer.clone();
+            return Err(SendError::new(Error::NotConnected { node }, payload));
+        }
+    };
     let stream = match open_stream(conn, link).await {
         Ok(s) => s,
         Err(error) => return Err(SendError::new(error, payload)),
@@ -79,7 +88,26 @@ pub(super) async fn send_message<C: Connection>(
         seq,
         len: payload.len() as u64,
     };
-    write_message(link, stream, header, payload).await
+    write_message(link, stream, header, payload, allowance).await
+}
+
+/// The share of the link's in-flight allowance a message of `len` bytes needs, if it is large
+/// enough to need one (see [`InFlight`]).
+async fn large_allowance(
+    link: &LinkHandle,
+    len: usize,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+    let f = &link.in_flight;
+    if len < f.from_bytes {
+        return Ok(None);
+    }
+    let n = len.clamp(1, f.max) as u32;
+    f.allowance
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map(Some)
+        .map_err(|_| ())
 }
 
 /// Opens a message's stream; the error a sender sees if it cannot.
@@ -120,7 +148,7 @@ pub(super) async fn send_numbered<C: Connection>(
         }
     };
     unopened.notice = None;
-    write_message(link, stream, header, payload).await
+    write_message(link, stream, header, payload, None).await
 }
 
 /// Writes a numbered message on its open stream, counting the outcome.
@@ -129,6 +157,7 @@ async fn write_message<S: SendStream>(
     stream: S,
     header: EnvelopeHeader,
     payload: Bytes,
+    allowance: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), SendError> {
     let mut buf =
         BytesMut::with_capacity(encoded_header_len(&header) + payload.len().min(COALESCE_MAX));
@@ -154,6 +183,13 @@ async fn write_message<S: SendStream>(
     match written {
         Ok(()) => {
             lost.notice = None;
+            if let (Some(allowance), Some(mut stream)) = (allowance, lost.stream.take()) {
+                // Given back once the peer has the whole message (or the link failed).
+                tokio::spawn(async move {
+                    let _ = stream.delivered().await;
+                    drop(allowance);
+                });
+            }
             link.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(node) = link.node.upgrade() {
                 node.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
