@@ -541,7 +541,12 @@ async fn raw_pair<T: Transport>(ca: &ClusterCa) -> Result<(T, T, T::Connection, 
             None => bail!("server endpoint closed"),
         }
     });
-    Ok((server, client, dialled?, accepted?))
+    let (dialled, accepted) = (dialled?, accepted?);
+    // A link grants the peer its full stream credit once the hello is accepted; the raw path
+    // has no hello, so it grants it at once (else quinn keeps it at the pre-hello minimum).
+    dialled.grant_stream_credit();
+    accepted.grant_stream_credit();
+    Ok((server, client, dialled, accepted))
 }
 
 async fn read_to_end<R: RecvStream>(mut s: R) -> usize {
