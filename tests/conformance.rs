@@ -49,6 +49,7 @@ macro_rules! matrix {
             case!(an_endless_stream_stays_within_the_link_budget);
             case!(delivered_waits_for_the_peer);
             case!(small_messages_overtake_a_large_one);
+            case!(small_messages_overtake_a_large_one_when_coalescing);
             case!(shared_and_ca_identities_do_not_mix);
             case!(capability_frames_reach_only_links_that_negotiated_them);
             case!(unannounced_capability_frame_closes_only_that_link);

@@ -273,8 +273,9 @@ pub trait Connection: Clone + Send + Sync + 'static {
     /// The link on this connection is up (its hello accepted): the peer may now open as many
     /// uni-streams as the tuning allows. A backend whose per-connection memory grows with that
     /// credit (quinn sets aside state for every stream the peer may open) grants only a little
-    /// until then, so a connection that never says hello costs little. The default does
-    /// nothing.
+    /// until then, so a connection that never says hello costs little. Code that uses a
+    /// transport without links (a benchmark, a tool) calls it on both ends right after the
+    /// handshake, or quinn keeps the peer at 32 streams. The default does nothing.
     fn grant_stream_credit(&self) {}
 }
 

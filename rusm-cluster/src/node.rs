@@ -114,9 +114,12 @@ impl Default for Reconnect {
 /// second for small messages (see the README's performance section). A message sent after the
 /// link had nothing to write for `direct_after_idle` is written at once from the
 /// sender's task on a stream of its own, as on the default path, so an idle link's round trip
-/// pays no task hop. Per-pair order holds either way.
+/// pays no task hop. A message of 64 KiB or more never joins a batch: it goes on a stream of its
+/// own, so small messages queued after it do not wait for it to cross. Per-pair order holds
+/// either way.
 ///
-/// A send then returns once the message is queued (it waits while `max_queued_bytes` are
+/// A send then returns once the message is queued (a message written directly returns once
+/// written, as on the default path; a queued one waits while `max_queued_bytes` are
 /// queued, which is the backpressure; the writer also keeps at most 4 written streams
 /// unacknowledged by the peer). Messages still queued when a link fails are counted in
 /// [`NodeStats::send_failures`](crate::NodeStats). A receiver reads coalesced streams whatever

@@ -77,14 +77,29 @@ enum Arrival {
 /// one channel fed by both receiving processes). The case needs a transport whose bandwidth is
 /// finite: if the large message arrives before the last small one is even sent, it fails as
 /// inconclusive instead of passing.
-// Unused until tests/conformance.rs registers it with `case!(small_messages_overtake_a_large_one);`.
 pub async fn small_messages_overtake_a_large_one<T: Transport>() {
+    overtaking::<T>(false).await
+}
+
+/// The same with coalescing on at the sender, set to queue every message (no direct write when
+/// idle): a large message still goes on a stream of its own, not into the queue, so small ones
+/// queued after it do not wait for it.
+pub async fn small_messages_overtake_a_large_one_when_coalescing<T: Transport>() {
+    overtaking::<T>(true).await
+}
+
+async fn overtaking<T: Transport>(coalescing: bool) {
     use rusm_cluster::NodeConfig;
     const BIG: usize = 32 << 20;
     const SMALL: u32 = 200;
     let ca = ClusterCa::generate("test").unwrap();
     let start = |name: &'static str| {
         let mut config = NodeConfig::default();
+        if coalescing && name == "paris" {
+            let mut c = rusm_cluster::Coalescing::default();
+            c.direct_after_idle = None;
+            config.coalescing = Some(c);
+        }
         config.limits.max_message_size = BIG;
         config.link_budget_bytes = 2 * BIG;
         NodeBuilder::<T>::new(name)

@@ -2,9 +2,16 @@
 //! link carries what queued up on shared streams, with at most a few streams unacknowledged.
 //! A message sent while nothing is queued or being written goes out at once from the sender's
 //! task, on a stream of its own (as on the default path): an idle link pays no task hop, and
-//! coalescing starts only once messages queue up behind it.
+//! coalescing starts only once messages queue up behind it. A large message (at least
+//! [`ALONE_FROM`] bytes) always goes on a stream of its own, so the small ones queued after it
+//! never wait for it to cross.
 
 use super::*;
+
+/// Messages at least this large never join a batch: each goes on a stream of its own from its
+/// sender's task (numbered in queue order all the same), so the stack carries them beside the
+/// batches instead of the writer carrying them in front of everything queued after them.
+pub(super) const ALONE_FROM: usize = 64 << 10;
 
 /// The queue of a coalescing link (see [`Coalescing`]): senders append envelopes, the writer
 /// takes whole batches, each becoming one stream.
@@ -92,6 +99,7 @@ pub(super) async fn enqueue(
     let Ok(permit) = outbox.space.acquire_many(charge as u32).await else {
         return not_connected(payload);
     };
+    let alone = payload.len() >= ALONE_FROM;
     let direct = {
         let mut state = lock(&outbox.state);
         if state.down {
@@ -114,18 +122,20 @@ pub(super) async fn enqueue(
                 .config
                 .direct_after_idle
                 .is_some_and(|gap| state.idle_since.is_none_or(|t| t.elapsed() >= gap));
-        if idle {
+        if alone {
+            Some((header, false))
+        } else if idle {
             state.direct += 1;
-            Some(header)
+            Some((header, true))
         } else {
             queue(outbox, &mut state, header, &payload, charge);
             None
         }
     };
-    if let Some(header) = direct {
-        // Nothing queued ahead: written from here, holding no queue space.
+    if let Some((header, idle)) = direct {
+        // Written from here, holding no queue space.
         drop(permit);
-        let _writing = Direct(outbox);
+        let _writing = idle.then(|| Direct(outbox));
         return link.sender.send_numbered(link, header, payload).await;
     }
     // The space is given back by the writer; the send stays counted in progress until the

@@ -138,17 +138,22 @@ pub(super) async fn send_numbered<C: Connection>(
         notice: Some(header.clone()),
         stream: None,
     };
+    let failed = |error| {
+        if let Some(node) = link.node.upgrade() {
+            node.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(SendError::new(error, payload.clone()))
+    };
+    let Ok(allowance) = large_allowance(link, payload.len()).await else {
+        let node = link.peer.clone();
+        return failed(Error::NotConnected { node });
+    };
     let stream = match open_stream(conn, link).await {
         Ok(s) => s,
-        Err(error) => {
-            if let Some(node) = link.node.upgrade() {
-                node.stats.send_failures.fetch_add(1, Ordering::Relaxed);
-            }
-            return Err(SendError::new(error, payload));
-        }
+        Err(error) => return failed(error),
     };
     unopened.notice = None;
-    write_message(link, stream, header, payload, None).await
+    write_message(link, stream, header, payload, allowance).await
 }
 
 /// Writes a numbered message on its open stream, counting the outcome.
