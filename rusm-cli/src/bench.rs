@@ -102,6 +102,10 @@ pub(crate) struct BenchArgs {
     /// Only our round trips, one line per run (for profiling).
     #[arg(long, hide = true)]
     only_cluster_rtt: bool,
+    /// Only our round trips while another process floods the same link, one line per run: the
+    /// latency a small request pays under load (compare with and without `--coalesce`).
+    #[arg(long, hide = true)]
+    rtt_under_load: bool,
     /// Print one JSON array (an object per backend, size and receiver count) instead of the
     /// table.
     #[arg(long)]
@@ -195,7 +199,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     );
     let quinn = matches!(args.backend, BackendChoice::Quinn | BackendChoice::Both);
     let s2n = matches!(args.backend, BackendChoice::S2n | BackendChoice::Both);
-    if args.only_cluster_throughput || args.only_cluster_rtt {
+    if args.only_cluster_throughput || args.only_cluster_rtt || args.rtt_under_load {
         for case in &cases {
             if quinn {
                 cluster_only::<QuinnTransport>(&args, case).await?;
@@ -316,7 +320,13 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
 async fn cluster_only<T: Transport>(args: &BenchArgs, case: &Case) -> Result<()> {
     let ca = ClusterCa::generate("bench")?;
     for _ in 0..args.repeat {
-        if args.only_cluster_rtt {
+        if args.rtt_under_load {
+            let (p50, p99, rate) = cluster_rtt_under_load::<T>(&ca, case).await?;
+            println!(
+                "{}: under load p50 {p50:.1} us, p99 {p99:.1} us, flood {rate:.0} msgs/s",
+                T::NAME
+            );
+        } else if args.only_cluster_rtt {
             let (p50, p99) = cluster_rtt::<T>(&ca, case).await?;
             println!("{}: p50 {p50:.1} us, p99 {p99:.1} us", T::NAME);
         } else {
@@ -471,6 +481,49 @@ async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)
         config.coalescing = Some(Coalescing::default());
     }
     Ok(rusm_testkit::linked_pair::<T>(ca, "sender", "receiver", config, BENCH_DEADLINE).await?)
+}
+
+/// Round trips between two processes while a task floods a third process over the same link
+/// with messages of `--size` bytes; returns (p50, p99) in µs and the flood's messages/s.
+async fn cluster_rtt_under_load<T: Transport>(
+    ca: &ClusterCa,
+    case: &Case,
+) -> Result<(f64, f64, f64)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (a, b) = nodes::<T>(ca, case).await?;
+    let received = Tally::new();
+    let sink = rusm_testkit::counting_receiver(&b, received.clone());
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (a, stop) = (a.clone(), stop.clone());
+        let payload = Bytes::from(vec![0xab; case.size]);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if a.send_to(&sink, payload.clone()).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            (sent, start.elapsed())
+        })
+    };
+    // Let the flood fill the pipes before timing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let echo = rusm_testkit::echo(&b);
+    let n = case.round_trips.max(10);
+    let ping = Bytes::from(vec![0xcd; 64]);
+    let samples = rusm_testkit::round_trips(&a, &echo, ping, n as u64, true, BENCH_DEADLINE)
+        .await?
+        .samples;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, took) = flood.await?;
+    received.wait_for(sent, BENCH_DEADLINE).await?;
+    a.shutdown().await;
+    b.shutdown().await;
+    let (p50, p99) = p50_p99(samples);
+    Ok((p50, p99, sent as f64 / took.as_secs_f64()))
 }
 
 /// Sends for `--duration` (or `--messages`), then waits until the receivers counted every one.
