@@ -28,6 +28,9 @@ pub(crate) struct FloodArgs {
     /// refused, and the flood measures what refusing costs.
     #[arg(long)]
     untrusted: bool,
+    /// The flooded node's QUIC stack (the flood itself comes from quinn).
+    #[arg(long, value_enum, default_value = "quinn")]
+    backend: crate::node_cmd::Backend,
 }
 
 /// Resident memory of process `pid` (current, peak), in MiB.
@@ -61,6 +64,13 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["node", "--name", "london", "--listen", &addr.to_string()])
+        .args([
+            "--backend",
+            match args.backend {
+                crate::node_cmd::Backend::Quinn => "quinn",
+                crate::node_cmd::Backend::S2n => "s2n",
+            },
+        ])
         .arg("--certs")
         .arg(dir)
         .env("RUST_LOG", "error")
@@ -153,7 +163,7 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
         flooder.close();
         probe.shutdown().await;
         println!(
-            "flood of {} {} connections ({} at a time) against a rusm node (quinn), in {:.1} s",
+            "flood of {} {} connections ({} at a time) against a rusm node ({:?}), in {:.1} s",
             args.connections,
             if args.untrusted {
                 "untrusted-certificate"
@@ -161,6 +171,7 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
                 "no-hello"
             },
             args.concurrency,
+            args.backend,
             flood_time.as_secs_f64()
         );
         println!(

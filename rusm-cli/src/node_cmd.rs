@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
-use rusm_cluster::{Error, Identity, Node, TrustAnchor};
+use rusm_cluster::core::transport::Transport;
+use rusm_cluster::quinn_transport::QuinnTransport;
+use rusm_cluster::s2n_transport::S2nTransport;
+use rusm_cluster::{Error, Identity, Node, NodeBuilder, TrustAnchor};
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -41,6 +44,7 @@ The config file (TOML) has the same settings, all optional:
     certs = \"certs\"              # relative to the file's own directory
     connect = [\"paris@127.0.0.1:4101\"]
     connect_timeout = 10         # seconds
+    backend = \"quinn\"            # or \"s2n\"
 A flag given on the command line overrides the file's setting; any --connect replaces the \
 file's whole connect list.")]
 pub(crate) struct NodeArgs {
@@ -63,6 +67,21 @@ pub(crate) struct NodeArgs {
     /// A TOML file with the same settings (see below); flags override it.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// The QUIC stack: quinn or s2n [default: quinn]. Nodes on different stacks link to each
+    /// other.
+    #[arg(long, value_enum)]
+    pub(crate) backend: Option<Backend>,
+}
+
+/// The QUIC stack a `rusm node` runs on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Backend {
+    /// quinn (the default).
+    #[default]
+    Quinn,
+    /// s2n-quic.
+    S2n,
 }
 
 /// The settings a `--config` file may hold; every one optional, unknown keys refused.
@@ -79,6 +98,8 @@ struct FileConfig {
     connect: Option<Vec<String>>,
     /// Seconds to keep retrying a start-up peer that does not answer.
     connect_timeout: Option<u64>,
+    /// The QUIC stack, `quinn` or `s2n`.
+    backend: Option<Backend>,
 }
 
 /// The node's settings once flags and file are merged and checked.
@@ -89,6 +110,7 @@ struct Settings {
     certs: PathBuf,
     connect: Vec<(String, SocketAddr)>,
     connect_timeout: Duration,
+    backend: Backend,
 }
 
 impl Settings {
@@ -146,6 +168,7 @@ impl Settings {
             certs,
             connect,
             connect_timeout,
+            backend: args.backend.or(file.backend).unwrap_or_default(),
         })
     }
 }
@@ -229,6 +252,21 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
         .await
 }
 
+/// Starts node `name` on backend `T`.
+async fn start<T: Transport>(
+    name: &str,
+    identity: Identity,
+    trust: TrustAnchor,
+    listen: SocketAddr,
+) -> Result<Node, Error> {
+    NodeBuilder::<T>::new(name)
+        .identity(identity)
+        .trust(trust)
+        .listen(listen)
+        .start()
+        .await
+}
+
 async fn run_node(
     settings: Settings,
     identity: Identity,
@@ -236,18 +274,16 @@ async fn run_node(
     mut stop: StopSignals,
 ) -> Result<()> {
     let name = &settings.name;
-    let node = Node::builder(name.as_str())
-        .identity(identity)
-        .trust(trust)
-        .listen(settings.listen)
-        .start()
-        .await
-        .map_err(|e| {
-            flat(
-                format!("cannot start node {name} on {}", settings.listen),
-                e,
-            )
-        })?;
+    let started = match settings.backend {
+        Backend::Quinn => start::<QuinnTransport>(name, identity, trust, settings.listen).await,
+        Backend::S2n => start::<S2nTransport>(name, identity, trust, settings.listen).await,
+    };
+    let node = started.map_err(|e| {
+        flat(
+            format!("cannot start node {name} on {}", settings.listen),
+            e,
+        )
+    })?;
     println!("node {name} listening on {}", node.local_addr());
 
     for (peer, addr) in &settings.connect {
@@ -400,7 +436,7 @@ mod tests {
     fn flags_override_the_file() {
         let f = file(
             "name = \"london\"\nlisten = \"127.0.0.1:4100\"\ncerts = \"certs\"\n\
-             connect = [\"paris@127.0.0.1:4101\"]\nconnect_timeout = 3\n",
+             connect = [\"paris@127.0.0.1:4101\"]\nconnect_timeout = 3\nbackend = \"s2n\"\n",
         )
         .unwrap();
         let from_file = Settings::merge(NodeArgs::default(), f, Path::new("/etc/rusm")).unwrap();
@@ -412,6 +448,7 @@ mod tests {
                 certs: "/etc/rusm/certs".into(),
                 connect: vec![("paris".into(), "127.0.0.1:4101".parse().unwrap())],
                 connect_timeout: Duration::from_secs(3),
+                backend: Backend::S2n,
             }
         );
         let f = file("name = \"london\"\nlisten = \"127.0.0.1:4100\"\ncerts = \"certs\"\nconnect = [\"paris@127.0.0.1:4101\"]\n").unwrap();
