@@ -73,6 +73,7 @@ macro_rules! matrix {
             case!(a_cancelled_send_is_lost_not_malformed);
             case!(a_stream_of_large_messages_past_the_window_arrives);
             case!(soak_every_message_is_accounted_for);
+            case!(messages_lost_in_transit_are_counted_on_relink);
 
             /// The long soak: five minutes (`cargo test --release -- --ignored soak_long`).
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

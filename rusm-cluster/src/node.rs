@@ -315,6 +315,13 @@ impl<T: Transport> Dialer for TypedDialer<T> {
     }
 }
 
+/// How one go at [`Node::connect`] ended.
+enum Attempt {
+    Done(Result<(), Error>),
+    /// Another task of this node is dialling the peer.
+    OtherDial,
+}
+
 pub(crate) struct ProcessSlot {
     pub(crate) mailbox: Mailbox,
     pub(crate) task: Option<JoinHandle<()>>,
@@ -899,25 +906,66 @@ impl Node {
         if peer == self.inner.name {
             return Err(Error::Config("a node cannot connect to itself".into()));
         }
+        let deadline = tokio::time::Instant::now() + self.inner.config.handshake_timeout;
+        loop {
+            match self.try_connect(&peer, addr).await {
+                Attempt::Done(result) => return result,
+                // Another task of this node was dialling it: once that dial ends, its link is up,
+                // or this call dials itself (so it reports its own refusal, not a timeout).
+                Attempt::OtherDial => {
+                    if tokio::time::timeout_at(deadline, self.wait_dial_end(&peer))
+                        .await
+                        .is_err()
+                    {
+                        return Err(Error::Timeout {
+                            what: format!("waiting for the link to {peer}"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until no task of this node is dialling `peer` (or the link is up, or the node
+    /// shuts down), woken each time the node's links change.
+    async fn wait_dial_end(&self, peer: &NodeName) {
+        loop {
+            let changed = self.inner.links_changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a change right after the look still wakes us.
+            changed.as_mut().enable();
+            {
+                let links = lock(&self.inner.links);
+                if links.up.contains_key(peer) || links.shut_down || !links.dialling.contains(peer)
+                {
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// One go at [`connect`](Self::connect): done, or another task is dialling the peer.
+    async fn try_connect(&self, peer: &NodeName, addr: SocketAddr) -> Attempt {
+        let peer = peer.clone();
         let someone_else_dials = {
             let mut links = lock(&self.inner.links);
             if links.shut_down {
-                return Err(Error::Shutdown);
+                return Attempt::Done(Err(Error::Shutdown));
             }
             if links.up.contains_key(&peer) {
-                return Ok(());
+                return Attempt::Done(Ok(()));
             }
             if links.blocked.contains(&peer) {
-                return Err(Error::Rejected {
+                return Attempt::Done(Err(Error::Rejected {
                     node: peer,
                     reason: RejectReason::Blocked,
-                });
+                }));
             }
             !links.dialling.insert(peer.clone())
         };
         if someone_else_dials {
-            // Another task of this node is dialling it: wait for that link.
-            return self.wait_for_link(&peer).await;
+            return Attempt::OtherDial;
         }
         let res = tokio::time::timeout(
             self.inner.config.handshake_timeout,
@@ -926,7 +974,7 @@ impl Node {
         .await;
         lock(&self.inner.links).dialling.remove(&peer);
         self.inner.links_changed.notify_waiters();
-        match res {
+        Attempt::Done(match res {
             Ok(Ok(Dialled::Up)) => Ok(()),
             // The peer's own dial to us won the tie-break: that link is (or is about to be) up.
             Ok(Ok(Dialled::PeerDialWins)) => self.wait_for_link(&peer).await,
@@ -934,7 +982,7 @@ impl Node {
             Err(_) => Err(Error::Timeout {
                 what: format!("connecting to {peer} at {addr}"),
             }),
-        }
+        })
     }
 
     /// Waits for a link to `peer` that another dial (ours or the peer's) is bringing up, woken

@@ -320,14 +320,10 @@ pub async fn soak<T: CutPath>(run: Duration) {
     );
     // delivered = read by the receivers + dropped unread when a receiver was killed.
     assert_eq!(t.messages_received, read + t.unread_at_exit);
-    // The run did what it claims: processes exited with mail on its way, and (over QUIC, whose
-    // sends return once their data is queued) the cut link lost messages in transit, which
-    // were counted rather than vanishing. The in-memory transport hands data over at once, so
-    // a cut there may find nothing in flight.
+    // The run did what it claims: processes exited with mail on their way. (Whether the cut
+    // finds messages in flight depends on timing, so losses in transit are not asserted here;
+    // `messages_lost_in_transit_are_counted_on_relink` counts them exactly.)
     assert!(kills > 0 && t.dead_letters + t.unread_at_exit > 0);
-    if T::NAME != "mem" {
-        assert!(t.lost_in_transit > 0, "the cut lost nothing in transit");
-    }
     for n in &nodes {
         n.shutdown().await;
     }
