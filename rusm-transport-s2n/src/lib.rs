@@ -71,6 +71,7 @@ use s2n_quic::connection::{
 use s2n_quic::provider::connection_close_formatter::{
     ConnectionClose, Context as CloseContext, Development, Formatter, Production,
 };
+use s2n_quic::provider::endpoint_limits::{self, ConnectionAttempt, Limiter, Outcome};
 use s2n_quic::provider::event::{events, ConnectionInfo, ConnectionMeta, Subscriber};
 use s2n_quic::provider::limits::Limits;
 use s2n_quic::provider::tls::rustls as s2n_rustls;
@@ -147,6 +148,29 @@ fn limits(t: &TransportTuning) -> Result<Limits, TransportError> {
         .map_err(bad("keep_alive_interval"))
 }
 
+/// Handshakes an s2n server runs at once; attempts past that are dropped unanswered. s2n-quic
+/// completes every TLS handshake before the node sees the connection (so the node's own bound
+/// on pending handshakes cannot refuse a flood early, as it does on quinn): without this, a
+/// flood of 10,000 connections made the endpoint run handshakes back to back, and an
+/// established link's answers waited up to 166 ms behind them.
+const MAX_INFLIGHT_HANDSHAKES: usize = 64;
+
+/// Drops connection attempts while [`MAX_INFLIGHT_HANDSHAKES`] are in progress; otherwise
+/// defers to s2n-quic's default limits.
+struct HandshakeLimit {
+    max: usize,
+    others: endpoint_limits::Default,
+}
+
+impl Limiter for HandshakeLimit {
+    fn on_connection_attempt(&mut self, info: &ConnectionAttempt) -> Outcome {
+        if info.inflight_handshakes >= self.max {
+            return Outcome::drop();
+        }
+        self.others.on_connection_attempt(info)
+    }
+}
+
 impl core::Transport for S2nTransport {
     type Connection = S2nConnection;
     /// s2n-quic's server yields connections whose handshake is already done, so this future is
@@ -173,6 +197,11 @@ impl core::Transport for S2nTransport {
             .with_io(io(config.listen, &config.tuning)?)
             .map_err(TransportError::setup)?
             .with_limits(limits)
+            .map_err(TransportError::setup)?
+            .with_endpoint_limits(HandshakeLimit {
+                max: MAX_INFLIGHT_HANDSHAKES,
+                others: endpoint_limits::Default::default(),
+            })
             .map_err(TransportError::setup)?
             .with_event(Events {
                 slot: slot.clone(),
