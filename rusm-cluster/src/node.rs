@@ -927,19 +927,24 @@ impl Node {
     }
 
     /// Waits until no task of this node is dialling `peer` (or the link is up, or the node
-    /// shuts down), woken each time the node's links change.
+    /// shuts down).
     async fn wait_dial_end(&self, peer: &NodeName) {
+        self.wait_links(|links| {
+            (links.up.contains_key(peer) || links.shut_down || !links.dialling.contains(peer))
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Looks at the node's links each time they change until `check` gives an answer.
+    async fn wait_links<R>(&self, mut check: impl FnMut(&Links) -> Option<R>) -> R {
         loop {
             let changed = self.inner.links_changed.notified();
             tokio::pin!(changed);
             // Registered before looking, so a change right after the look still wakes us.
             changed.as_mut().enable();
-            {
-                let links = lock(&self.inner.links);
-                if links.up.contains_key(peer) || links.shut_down || !links.dialling.contains(peer)
-                {
-                    return;
-                }
+            if let Some(answer) = check(&lock(&self.inner.links)) {
+                return answer;
             }
             changed.await;
         }
@@ -985,27 +990,17 @@ impl Node {
         })
     }
 
-    /// Waits for a link to `peer` that another dial (ours or the peer's) is bringing up, woken
-    /// each time the node's links change.
+    /// Waits for a link to `peer` that another dial (ours or the peer's) is bringing up.
     async fn wait_for_link(&self, peer: &NodeName) -> Result<(), Error> {
-        let wait = async {
-            loop {
-                let changed = self.inner.links_changed.notified();
-                tokio::pin!(changed);
-                // Registered before looking, so a change right after the look still wakes us.
-                changed.as_mut().enable();
-                {
-                    let links = lock(&self.inner.links);
-                    if links.up.contains_key(peer) {
-                        return Ok(());
-                    }
-                    if links.shut_down {
-                        return Err(Error::Shutdown);
-                    }
-                }
-                changed.await;
+        let wait = self.wait_links(|links| {
+            if links.up.contains_key(peer) {
+                Some(Ok(()))
+            } else if links.shut_down {
+                Some(Err(Error::Shutdown))
+            } else {
+                None
             }
-        };
+        });
         tokio::time::timeout(self.inner.config.handshake_timeout, wait)
             .await
             .map_err(|_| Error::Timeout {

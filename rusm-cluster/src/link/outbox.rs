@@ -165,28 +165,26 @@ fn queue(
     payload: &Bytes,
     charge: usize,
 ) {
-    {
-        let open = state
-            .batches
-            .back()
-            .is_some_and(|b| b.bytes < outbox.config.max_stream_bytes);
-        if !open {
-            state.batches.push_back(Batch::default());
-        }
-        let batch = state.batches.back_mut().expect("a batch was just ensured");
-        let size = encoded_header_len(&header) + payload.len();
-        encode_header_into(&header, &mut batch.tail);
-        if payload.len() <= COALESCE_MAX {
-            batch.tail.extend_from_slice(payload);
-        } else {
-            let head = batch.tail.split().freeze();
-            batch.chunks.push(head);
-            batch.chunks.push(payload.clone());
-        }
-        batch.bytes += size;
-        batch.charged += charge;
-        batch.messages += 1;
+    let open = state
+        .batches
+        .back()
+        .is_some_and(|b| b.bytes < outbox.config.max_stream_bytes);
+    if !open {
+        state.batches.push_back(Batch::default());
     }
+    let batch = state.batches.back_mut().expect("a batch was just ensured");
+    let size = encoded_header_len(&header) + payload.len();
+    encode_header_into(&header, &mut batch.tail);
+    if payload.len() <= COALESCE_MAX {
+        batch.tail.extend_from_slice(payload);
+    } else {
+        let head = batch.tail.split().freeze();
+        batch.chunks.push(head);
+        batch.chunks.push(payload.clone());
+    }
+    batch.bytes += size;
+    batch.charged += charge;
+    batch.messages += 1;
 }
 
 /// The writer of a coalescing link: takes each batch in turn and writes it on a stream of its
