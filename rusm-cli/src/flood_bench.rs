@@ -64,13 +64,7 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["node", "--name", "london", "--listen", &addr.to_string()])
-        .args([
-            "--backend",
-            match args.backend {
-                crate::node_cmd::Backend::Quinn => "quinn",
-                crate::node_cmd::Backend::S2n => "s2n",
-            },
-        ])
+        .args(["--backend", args.backend.name()])
         .arg("--certs")
         .arg(dir)
         .env("RUST_LOG", "error")
@@ -163,7 +157,7 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
         flooder.close();
         probe.shutdown().await;
         println!(
-            "flood of {} {} connections ({} at a time) against a rusm node ({:?}), in {:.1} s",
+            "flood of {} {} connections ({} at a time) against a rusm node ({}), in {:.1} s",
             args.connections,
             if args.untrusted {
                 "untrusted-certificate"
@@ -171,7 +165,7 @@ async fn flood(args: &FloodArgs, dir: &std::path::Path) -> Result<()> {
                 "no-hello"
             },
             args.concurrency,
-            args.backend,
+            args.backend.name(),
             flood_time.as_secs_f64()
         );
         println!(

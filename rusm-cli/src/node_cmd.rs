@@ -84,6 +84,16 @@ pub(crate) enum Backend {
     S2n,
 }
 
+impl Backend {
+    /// The name `--backend` takes.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Backend::Quinn => "quinn",
+            Backend::S2n => "s2n",
+        }
+    }
+}
+
 /// The settings a `--config` file may hold; every one optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -434,15 +434,20 @@ fn nice_axis(max: f64) -> (f64, f64) {
     (top, step)
 }
 
-/// A bar's value, three significant digits with a unit: `950`, `12.3k`, `394k`, `1.85M`.
-fn fmt_value(v: f64) -> String {
-    let (scaled, unit) = if v >= 1e6 {
+/// `v` in millions or thousands when it is that large, with the unit's letter.
+fn scale(v: f64) -> (f64, &'static str) {
+    if v >= 1e6 {
         (v / 1e6, "M")
     } else if v >= 1e3 {
         (v / 1e3, "k")
     } else {
         (v, "")
-    };
+    }
+}
+
+/// A bar's value, three significant digits with a unit: `950`, `12.3k`, `394k`, `1.85M`.
+fn fmt_value(v: f64) -> String {
+    let (scaled, unit) = scale(v);
     let decimals = if scaled >= 100.0 {
         0
     } else if scaled >= 10.0 {
@@ -457,13 +462,7 @@ fn fmt_value(v: f64) -> String {
 
 /// A tick label: `0`, `500k`, `1M`, `1.5M`.
 fn fmt_tick(v: f64) -> String {
-    let (scaled, unit) = if v >= 1e6 {
-        (v / 1e6, "M")
-    } else if v >= 1e3 {
-        (v / 1e3, "k")
-    } else {
-        (v, "")
-    };
+    let (scaled, unit) = scale(v);
     let s = format!("{scaled:.2}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     format!("{s}{unit}")

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{ClusterCa, DownReason, Error, NodeConfig, NodeEvent};
+use rusm_cluster::{ClusterCa, DownReason, Error, Node, NodeConfig, NodeEvent};
 use rusm_transport_mem::{MemNetwork, MemTransport};
 use rusm_transport_quinn::QuinnTransport;
 use rusm_transport_s2n::S2nTransport;
@@ -112,13 +112,28 @@ fn quick_liveness() -> NodeConfig {
     c
 }
 
-pub async fn silent_peer_is_declared_down<T: CutPath>() {
+/// A silent peer declared down within 1.5 s, and lost links redialled with backoff.
+pub fn quick_reconnecting() -> NodeConfig {
+    let mut c = quick_liveness();
+    c.reconnect = Some(rusm_cluster::Reconnect::default());
+    c
+}
+
+/// `london` and `paris` started on `T` with `config`, paris linked to london over a path the
+/// case can cut; returns (london, paris, path).
+async fn pair_over_path<T: CutPath>(config: NodeConfig) -> (Node, Node, Path) {
     let ca = ClusterCa::generate("faults").unwrap();
-    let start = |name: &'static str| start_node::<T>(&ca, name, quick_liveness());
-    let london = start("london").await.unwrap();
-    let paris = start("paris").await.unwrap();
+    let london = start_node::<T>(&ca, "london", config.clone())
+        .await
+        .unwrap();
+    let paris = start_node::<T>(&ca, "paris", config).await.unwrap();
     let path = T::path(paris.local_addr(), london.local_addr()).await;
     paris.connect("london", path.dial).await.unwrap();
+    (london, paris, path)
+}
+
+pub async fn silent_peer_is_declared_down<T: CutPath>() {
+    let (london, paris, path) = pair_over_path::<T>(quick_liveness()).await;
     let (p, mut inbox) = collector(&london);
     london.register("inbox", &p).unwrap();
     paris
@@ -172,14 +187,7 @@ pub async fn silent_peer_is_declared_down<T: CutPath>() {
 /// A lost link (cable cut) comes back by itself once the path is restored: the peers reconnect
 /// with backoff, and messages flow again.
 pub async fn a_lost_link_reconnects_by_itself<T: CutPath>() {
-    let ca = ClusterCa::generate("faults").unwrap();
-    let mut config = quick_liveness();
-    config.reconnect = Some(rusm_cluster::Reconnect::default());
-    let start = |name: &'static str| start_node::<T>(&ca, name, config.clone());
-    let london = start("london").await.unwrap();
-    let paris = start("paris").await.unwrap();
-    let path = T::path(paris.local_addr(), london.local_addr()).await;
-    paris.connect("london", path.dial).await.unwrap();
+    let (london, paris, path) = pair_over_path::<T>(quick_reconnecting()).await;
     let (p, mut inbox) = collector(&london);
     london.register("inbox", &p).unwrap();
     let mut events = paris.subscribe();
@@ -288,14 +296,7 @@ pub async fn a_restarted_peer_replaces_its_stale_link<T: CutPath>() {
 /// they sent and received over the failed link, and the sender counts exactly those messages in
 /// `lost_in_transit`. Nothing is counted twice, and nothing delivered is counted lost.
 pub async fn messages_lost_in_transit_are_counted_on_relink<T: CutPath>() {
-    let ca = ClusterCa::generate("faults").unwrap();
-    let mut config = quick_liveness();
-    config.reconnect = Some(rusm_cluster::Reconnect::default());
-    let start = |name: &'static str| start_node::<T>(&ca, name, config.clone());
-    let london = start("london").await.unwrap();
-    let paris = start("paris").await.unwrap();
-    let path = T::path(paris.local_addr(), london.local_addr()).await;
-    paris.connect("london", path.dial).await.unwrap();
+    let (london, paris, path) = pair_over_path::<T>(quick_reconnecting()).await;
     let (p, mut inbox) = collector(&london);
     // Before the cut: every message arrives.
     for i in 0..100u32 {

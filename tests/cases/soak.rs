@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use rusm_cluster::{ClusterCa, DownReason, Error, Node, NodeConfig, NodeEvent, NodeStats, Pid};
+use rusm_cluster::{ClusterCa, DownReason, Error, Node, NodeEvent, NodeStats, Pid};
 use rusm_testkit::expect_within;
 
 use super::*;
@@ -154,10 +154,7 @@ fn total(nodes: &[Node]) -> NodeStats {
 /// Runs the soak for `run` on transport `T`.
 pub async fn soak<T: CutPath>(run: Duration) {
     let ca = ClusterCa::generate("soak").unwrap();
-    let mut config = NodeConfig::default();
-    config.tuning.idle_timeout = Duration::from_millis(1500);
-    config.tuning.keep_alive_interval = Duration::from_millis(300);
-    config.reconnect = Some(rusm_cluster::Reconnect::default());
+    let config = quick_reconnecting();
     let mut nodes = Vec::new();
     for name in ["n0", "n1", "n2"] {
         nodes.push(start_node::<T>(&ca, name, config.clone()).await.unwrap());
