@@ -8,8 +8,10 @@
 //! - Group `message_size`: K = 1, payloads of 64 B, 1 KiB and 64 KiB (`quinn/64B`, ...,
 //!   `s2n/64KiB`). Throughput is in payload bytes (`Throughput::Bytes`): `thrpt` is payload
 //!   bytes per second (time per iteration is still the time per message).
-//! - Group `coalesced_fanout`: as `cluster_fanout`, with opt-in coalescing on both nodes
-//!   (`NodeConfig::coalescing`), measured on its own.
+//! - The two groups above run with the default settings, where a busy link coalesces queued
+//!   messages into shared streams. Group `per_stream_fanout`: as `cluster_fanout` with coalescing
+//!   off on both nodes (`NodeConfig::coalescing = None`: every message on a stream of its own),
+//!   measured on its own.
 //!
 //! One criterion iteration is one message. Each sample sends its whole batch (`iters` messages)
 //! from a task of the sending node and stops the clock when the receivers have counted every one
@@ -57,14 +59,14 @@ const BACKENDS: [(&str, Boot); 2] = [
     ("s2n", boot::<S2nTransport, false>),
 ];
 
-const COALESCED: [(&str, Boot); 2] = [
+const PER_STREAM_BACKENDS: [(&str, Boot); 2] = [
     ("quinn", boot::<QuinnTransport, true>),
     ("s2n", boot::<S2nTransport, true>),
 ];
 
-fn boot<T: Transport, const COALESCE: bool>(backend: &'static str, rt: &Runtime) -> Cluster {
+fn boot<T: Transport, const PER_STREAM: bool>(backend: &'static str, rt: &Runtime) -> Cluster {
     rt.block_on(async {
-        let (sender, receiver) = common::pair::<T>("sender", "receiver", COALESCE).await;
+        let (sender, receiver) = common::pair::<T>("sender", "receiver", PER_STREAM).await;
         let tally = Tally::new();
         let pids: Arc<[Pid]> = (0..MAX_K)
             .map(|_| counting_receiver(&receiver, tally.clone()))
@@ -206,9 +208,9 @@ fn benches(c: &mut Criterion) {
         cluster.finish(&rt);
     }
 
-    let mut group = c.benchmark_group("coalesced_fanout");
+    let mut group = c.benchmark_group("per_stream_fanout");
     group.throughput(Throughput::Elements(1));
-    for (backend, boot) in COALESCED {
+    for (backend, boot) in PER_STREAM_BACKENDS {
         let mut cluster = None;
         for k in [1, MAX_K] {
             group.bench_function(BenchmarkId::new(backend, format!("k{k}")), |b| {

@@ -1,19 +1,24 @@
 //! The conformance matrix: every behaviour case in `cases/` runs once per transport backend, so a
 //! test's name says which backend it ran on (`quinn::send_by_name`). `cargo test quinn::` runs
 //! one backend. The third arm, `mem::`, is the in-memory transport (real TLS, no sockets), held
-//! to the same cases as the QUIC stacks.
+//! to the same cases as the QUIC stacks. Every case runs twice per backend: with the default
+//! send path (a busy link coalesces) and under `per_stream::` with coalescing off
+//! (`per_stream::quinn::send_by_name`).
 
 mod cases;
 
-/// Instantiates every case for one backend.
+/// Instantiates every case for one backend; `$wrap` runs each case's future (see `per_stream`).
 macro_rules! matrix {
     ($backend:ident => $transport:ty) => {
+        matrix!($backend => $transport, std::convert::identity);
+    };
+    ($backend:ident => $transport:ty, $wrap:path) => {
         mod $backend {
             macro_rules! case {
                 ($name:ident) => {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $name() {
-                        crate::cases::$name::<$transport>().await
+                        $wrap(crate::cases::$name::<$transport>()).await
                     }
                 };
             }
@@ -69,6 +74,7 @@ macro_rules! matrix {
             case!(requests_and_monitors_fail_when_the_node_is_lost);
             case!(attach_reads_the_report_without_joining);
             case!(a_node_restarts_on_its_old_address);
+            case!(a_node_runs_on_the_runtime_it_is_given);
             case!(exited_processes_leave_no_pair_state);
             case!(a_cancelled_send_is_lost_not_malformed);
             case!(a_stream_of_large_messages_past_the_window_arrives);
@@ -79,7 +85,7 @@ macro_rules! matrix {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             #[ignore = "five minutes"]
             async fn soak_long() {
-                crate::cases::soak::<$transport>(std::time::Duration::from_secs(300)).await
+                $wrap(crate::cases::soak::<$transport>(std::time::Duration::from_secs(300))).await
             }
         }
     };
@@ -88,6 +94,14 @@ macro_rules! matrix {
 matrix!(quinn => rusm_transport_quinn::QuinnTransport);
 matrix!(s2n => rusm_transport_s2n::S2nTransport);
 matrix!(mem => rusm_transport_mem::MemTransport);
+
+/// The same cases with coalescing off: every message on a stream of its own, the send path of a
+/// link that is never busy enough to coalesce (`per_stream::quinn::send_by_name`).
+mod per_stream {
+    matrix!(quinn => rusm_transport_quinn::QuinnTransport, rusm_testkit::per_stream);
+    matrix!(s2n => rusm_transport_s2n::S2nTransport, rusm_testkit::per_stream);
+    matrix!(mem => rusm_transport_mem::MemTransport, rusm_testkit::per_stream);
+}
 
 /// Nodes on different backends in one cluster, in both dialling directions.
 mod mixed {

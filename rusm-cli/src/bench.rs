@@ -21,13 +21,13 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster::core::transport::{Connection, RecvStream, SendStream, Transport};
 use rusm_cluster::quinn_transport::QuinnTransport;
 use rusm_cluster::s2n_transport::S2nTransport;
-use rusm_cluster::{ClusterCa, Coalescing, Node, NodeConfig};
+use rusm_cluster::{ClusterCa, Node, NodeConfig};
 use rusm_testkit::{Latencies, Rank, Tally, BENCH_DEADLINE};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -63,6 +63,9 @@ pub(crate) enum RuntimeMode {
     CurrentThread,
     /// A multi-thread runtime with one worker per core.
     MultiThread,
+    /// Each node on a current-thread runtime of its own thread (`NodeBuilder::runtime`), as two
+    /// one-core machines would run them; the raw baselines run both ends on the main thread.
+    PerNode,
 }
 
 /// Options of `rusm bench`.
@@ -103,17 +106,22 @@ pub(crate) struct BenchArgs {
     #[arg(long, hide = true)]
     only_cluster_rtt: bool,
     /// Only our round trips while another process floods the same link, one line per run: the
-    /// latency a small request pays under load (compare with and without `--coalesce`).
+    /// latency a small request pays under load (compare with and without `--per-stream`).
     #[arg(long, hide = true)]
     rtt_under_load: bool,
+    /// Experiment: each runtime thread spins this many µs before it parks (so a wake-up that
+    /// comes soon finds it running).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub(crate) spin_us: u64,
     /// Print one JSON array (an object per backend, size and receiver count) instead of the
     /// table.
     #[arg(long)]
     json: bool,
-    /// Turn on opt-in coalescing (queued messages to the peer share streams) for our runs; the
-    /// raw baselines are unchanged.
+    /// Turn coalescing off for our runs, so every message goes on a stream of its own (by
+    /// default a busy link coalesces queued messages into shared streams); the raw baselines are
+    /// unchanged.
     #[arg(long)]
-    coalesce: bool,
+    per_stream: bool,
 }
 
 /// One measured configuration: what every run function needs, taken from [`BenchArgs`] with one
@@ -125,7 +133,8 @@ struct Case {
     duration: f64,
     messages: Option<u64>,
     round_trips: usize,
-    coalesce: bool,
+    per_stream: bool,
+    runtime: RuntimeMode,
 }
 
 impl BenchArgs {
@@ -145,7 +154,8 @@ impl BenchArgs {
                     duration: self.duration,
                     messages: self.messages,
                     round_trips: self.round_trips,
-                    coalesce: self.coalesce,
+                    per_stream: self.per_stream,
+                    runtime: self.runtime,
                 });
             }
         }
@@ -307,7 +317,11 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
         list(|c| c.size),
         list(|c| c.receivers),
         args.runtime,
-        if args.coalesce { "on" } else { "off" },
+        if args.per_stream {
+            "off (--per-stream)"
+        } else {
+            "on when busy (the default)"
+        },
         args.repeat,
         last_run.map_or(0, |r| r.sent),
         last_run.map_or(0, |r| r.received),
@@ -401,7 +415,7 @@ async fn bench_backend<T: Transport>(args: &BenchArgs, case: &Case) -> Result<Ro
         runtime: args.runtime,
         size: case.size,
         receivers: case.receivers,
-        coalescing: case.coalesce,
+        coalescing: !case.per_stream,
         runs: args.repeat,
         sent: last.0,
         received: last.1,
@@ -477,10 +491,70 @@ impl Drop for AbortOnDrop {
 /// `sender` connected to `receiver`, once both ends see the link.
 async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)> {
     let mut config = NodeConfig::default();
-    if case.coalesce {
-        config.coalescing = Some(Coalescing::default());
+    if case.per_stream {
+        config.coalescing = None;
+    }
+    if case.runtime == RuntimeMode::PerNode {
+        return per_node_pair::<T>(ca, config).await;
     }
     Ok(rusm_testkit::linked_pair::<T>(ca, "sender", "receiver", config, BENCH_DEADLINE).await?)
+}
+
+/// `--runtime per-node`: the receiver runs on a current-thread runtime of its own thread, the
+/// sender on the main thread's.
+async fn per_node_pair<T: Transport>(ca: &ClusterCa, config: NodeConfig) -> Result<(Node, Node)> {
+    let receiver = rusm_cluster::NodeBuilder::<T>::new("receiver")
+        .identity(ca.issue("receiver")?)
+        .trust(ca.trust())
+        .config(config.clone())
+        .runtime(node_thread())
+        .start()
+        .await?;
+    let sender = rusm_testkit::start_node::<T>(ca, "sender", config).await?;
+    sender.connect("receiver", receiver.local_addr()).await?;
+    tokio::time::timeout(
+        BENCH_DEADLINE,
+        rusm_testkit::poll(|| !receiver.peers().is_empty()),
+    )
+    .await
+    .context("the receiver never saw the link")?;
+    Ok((sender, receiver))
+}
+
+/// `--spin-us`, for runtimes the bench builds itself.
+pub(crate) static SPIN_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Busy-waits for `d` (`--spin-us`).
+pub(crate) fn spin_for(d: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+/// The runtime of the second node in `--runtime per-node`: current-thread, on a thread of its
+/// own that lives as long as the process.
+fn node_thread() -> tokio::runtime::Handle {
+    static HANDLE: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            let spin = Duration::from_micros(SPIN_US.load(std::sync::atomic::Ordering::Relaxed));
+            if !spin.is_zero() {
+                builder.on_thread_park(move || spin_for(spin));
+            }
+            let rt = builder
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime");
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name("rusm-bench-node".into())
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .expect("the node's thread");
+            handle
+        })
+        .clone()
 }
 
 /// Round trips between two processes while a task floods a third process over the same link

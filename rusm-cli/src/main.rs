@@ -83,11 +83,18 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut builder = match &cli.command {
-        Command::Bench(args) if args.runtime == bench::RuntimeMode::CurrentThread => {
+        Command::Bench(args) if args.runtime != bench::RuntimeMode::MultiThread => {
             tokio::runtime::Builder::new_current_thread()
         }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    if let Command::Bench(args) = &cli.command {
+        bench::SPIN_US.store(args.spin_us, std::sync::atomic::Ordering::Relaxed);
+        let spin = std::time::Duration::from_micros(args.spin_us);
+        if !spin.is_zero() {
+            builder.on_thread_park(move || bench::spin_for(spin));
+        }
+    }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,7 +1,8 @@
 //! `rusm plot`: turns `rusm bench --json` output into a self-contained SVG grouped bar chart of
 //! messages/s, one group per backend (and per payload size and receiver count when the input
-//! holds several), one bar per figure: ours with the default path, ours with coalescing (when a
-//! run with `--coalesce` is in the input), and the raw baselines (one stream per message,
+//! holds several), one bar per figure: ours with the default settings (a busy link coalesces),
+//! ours with one stream per message (when a run with `--per-stream` is in the input), and the raw
+//! baselines (one stream per message,
 //! delivering into mailboxes, one buffered stream).
 //!
 //! The input is one or several files (`--input`, repeatable), each holding one JSON array as
@@ -22,7 +23,7 @@ use serde::Deserialize;
 #[derive(clap::Args, Debug)]
 pub(crate) struct PlotArgs {
     /// A `rusm bench --json` output file: one JSON array, or several one after the other.
-    /// Repeat for several files (e.g. a run without and one with `--coalesce`).
+    /// Repeat for several files (e.g. a run without and one with `--per-stream`).
     #[arg(long, short, required = true)]
     input: Vec<PathBuf>,
     /// Where to write the SVG.
@@ -134,7 +135,7 @@ fn chart_of(rows: &[BenchRow], title: Option<String>) -> Chart {
             (r.backend.as_str(), r.size, r.receivers) == *key && r.coalescing == coalescing
         })
     };
-    // The baselines never coalesce: take them from the default run, else from the other.
+    // The baselines never coalesce: take them from the per-stream run, else from the other.
     let base = |key: &GroupKey<'_>| find(key, false).or_else(|| find(key, true));
     let series_of = |name: &str, color, value: &dyn Fn(&GroupKey<'_>) -> Option<f64>| Series {
         name: name.to_owned(),
@@ -142,11 +143,11 @@ fn chart_of(rows: &[BenchRow], title: Option<String>) -> Chart {
         values: keys.iter().map(value).collect(),
     };
     let series: Vec<Series> = vec![
-        series_of("ours, default", "#2b6cb0", &|k| {
-            find(k, false).map(|r| r.msgs_per_sec)
-        }),
-        series_of("ours, coalescing", "#63b3ed", &|k| {
+        series_of("ours, default (coalescing when busy)", "#2b6cb0", &|k| {
             find(k, true).map(|r| r.msgs_per_sec)
+        }),
+        series_of("ours, --per-stream", "#63b3ed", &|k| {
+            find(k, false).map(|r| r.msgs_per_sec)
         }),
         series_of("raw, stream per message", "#dd6b20", &|k| {
             base(k).map(|r| r.raw_msgs_per_sec)
@@ -624,7 +625,7 @@ mod tests {
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 0);
     }
 
-    const DEFAULT_RUN: &str = r#"[
+    const PER_STREAM_RUN: &str = r#"[
       {"backend": "quinn", "runtime": "multi_thread", "size": 64, "receivers": 1,
        "coalescing": false, "runs": 3, "msgs_per_sec": 400000.0, "raw_msgs_per_sec": 900000.0,
        "raw_delivering_msgs_per_sec": 700000.0, "raw_one_stream_msgs_per_sec": 5000000.0},
@@ -640,7 +641,7 @@ mod tests {
 
     #[test]
     fn concatenated_runs_make_one_group_per_backend() {
-        let text = format!("{DEFAULT_RUN}\n{COALESCING_RUN}\n");
+        let text = format!("{PER_STREAM_RUN}\n{COALESCING_RUN}\n");
         let rows = parse_rows(&text).unwrap();
         assert_eq!(rows.len(), 3);
         let chart = chart_of(&rows, None);
@@ -649,15 +650,16 @@ mod tests {
         assert_eq!(
             names,
             [
-                "ours, default",
-                "ours, coalescing",
+                "ours, default (coalescing when busy)",
+                "ours, --per-stream",
                 "raw, stream per message",
                 "raw, delivering to mailboxes",
                 "raw, one buffered stream"
             ]
         );
-        assert_eq!(chart.series[1].values, [Some(1.8e6), None]);
-        // Baselines come from the default run when there is one.
+        assert_eq!(chart.series[0].values, [Some(1.8e6), None]);
+        assert_eq!(chart.series[1].values[1], Some(2e5));
+        // Baselines come from the per-stream run when there is one.
         assert_eq!(chart.series[2].values, [Some(9e5), Some(3e5)]);
         assert!(chart.title.contains("64 B") && chart.title.contains("K = 1"));
         assert!(chart.subtitle.contains("multi-thread"));

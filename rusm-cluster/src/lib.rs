@@ -39,8 +39,9 @@
 //!
 //! ## Guarantees
 //! - **Per-pair order**: messages from one sender to one destination arrive in the order sent,
-//!   although each travels on its own QUIC stream (so unrelated messages never wait on each
-//!   other) — or, with opt-in [`Coalescing`], shares a stream with what queued up behind it.
+//!   although each travels on its own QUIC stream while the link is idle (so unrelated messages
+//!   never wait on each other), and messages that queue up behind a busy link share streams
+//!   ([`Coalescing`], on by default).
 //! - **No silent loss**: a failed send returns the payload ([`SendError`]); every refusal, dead
 //!   letter and loss in transit is counted in [`Node::stats`].
 //! - **Bounded memory**: mailboxes and links have budgets; a fast sender is slowed down, not

@@ -68,7 +68,7 @@ impl Mesh {
             }
             let mesh = self.clone();
             let node = node.clone();
-            tokio::spawn(async move {
+            node.inner.runtime.clone().spawn(async move {
                 mesh.dial(&node, &member.name, member.addr).await;
                 lock(&mesh.pending).remove(&member.name);
             });

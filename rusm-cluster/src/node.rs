@@ -72,8 +72,9 @@ pub struct NodeConfig {
     /// How long a peer may leave a gap in a pair's numbers, or keep the link budget spent on
     /// unfinished messages, before its link is closed with [`DownReason::PeerMisbehaved`].
     pub inbound: InboundConfig,
-    /// Opt-in coalescing of queued messages to one peer into shared streams (off by default:
-    /// each message then travels on a stream of its own). See [`Coalescing`].
+    /// Coalescing of the messages that queue up behind a busy link into shared streams (on by
+    /// default; an idle link still writes each message on a stream of its own). `None` puts every
+    /// message on a stream of its own. See [`Coalescing`].
     pub coalescing: Option<Coalescing>,
     /// How long [`Node::spawn_remote`] and [`Node::attach_report`] wait for the peer's answer.
     /// Default 5 s.
@@ -107,29 +108,40 @@ impl Default for Reconnect {
     }
 }
 
-/// Opt-in coalescing: a link queues outgoing messages and one writer per link carries the
-/// messages that queued up while it wrote the previous stream on one stream together, up to
-/// `max_stream_bytes`. Under load this trades the one-stream-per-message wire shape (unrelated
-/// messages never wait on each other) for far fewer streams — 4 to 11 times the messages per
-/// second for small messages (see the README's performance section). A message sent after the
-/// link had nothing to write for `direct_after_idle` is written at once from the
-/// sender's task on a stream of its own, as on the default path, so an idle link's round trip
-/// pays no task hop. A message of 64 KiB or more never joins a batch: it goes on a stream of its
-/// own, so small messages queued after it do not wait for it to cross. Per-pair order holds
-/// either way.
+/// Coalescing, on by default: a message sent to an idle link goes on a QUIC stream of its own,
+/// written at once from the sender's task; messages that queue up behind a busy link share
+/// streams. One writer per link carries what queued up while it wrote the previous stream on one
+/// stream together, up to `max_stream_bytes`, each message with its own header and number.
 ///
-/// A send then returns once the message is queued (a message written directly returns once
-/// written, as on the default path; a queued one waits while `max_queued_bytes` are
-/// queued, which is the backpressure; the writer also keeps at most 4 written streams
-/// unacknowledged by the peer). Messages still queued when a link fails are counted in
-/// [`NodeStats::send_failures`](crate::NodeStats). A receiver reads coalesced streams whatever
-/// its own setting.
+/// "Idle" means the link has had nothing to write for `direct_after_idle` (20 µs): a
+/// request/response exchange goes direct and pays no task hop, a stream of sends coalesces. A
+/// message of 64 KiB or more never joins a batch: it goes on a stream of its own, so small
+/// messages queued after it do not wait for it to cross. Per-pair order holds either way.
+///
+/// The trade: on a busy link, a small message can wait behind other small messages queued before
+/// it (at most one stream's worth, 256 KiB), and a lost packet delays the rest of its stream's
+/// messages until it is resent; with one stream per message they would queue in the QUIC stack
+/// instead, which under load is far slower (see the README's coalescing section for both
+/// measured). Set [`NodeConfig::coalescing`] to `None` for one stream per message always.
+///
+/// A send returns once the message is queued (a message written directly returns once
+/// written); a queued one waits while `max_queued_bytes` are queued, which is the
+/// backpressure, and the writer keeps at most 4 written streams unacknowledged by the peer.
+/// Messages still queued when a link fails were accepted, so they count as sent and, once the
+/// peer relinks, as [`NodeStats::lost_in_transit`](crate::NodeStats), like messages in flight
+/// on streams of their own. A receiver reads coalesced streams whatever its own setting.
 ///
 /// ```
 /// use rusm_cluster::{Coalescing, NodeConfig};
 ///
 /// let mut config = NodeConfig::default();
-/// config.coalescing = Some(Coalescing::default());
+/// assert_eq!(config.coalescing, Some(Coalescing::default()));
+/// // Smaller streams: less waiting behind a lost packet, more streams under load.
+/// let mut smaller = Coalescing::default();
+/// smaller.max_stream_bytes = 64 << 10;
+/// config.coalescing = Some(smaller);
+/// // Or one stream per message always:
+/// config.coalescing = None;
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -166,7 +178,7 @@ impl Default for NodeConfig {
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
             inbound: InboundConfig::default(),
-            coalescing: None,
+            coalescing: Some(Coalescing::default()),
             request_timeout: Duration::from_secs(5),
             reconnect: Some(Reconnect::default()),
         }
@@ -353,6 +365,8 @@ pub(crate) struct NodeInner {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) stats: Stats,
     pub(crate) dialer: Box<dyn Dialer>,
+    /// The runtime the node's own tasks (links, processes, dials) run on.
+    pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) next_link_id: AtomicU64,
     /// The node's capabilities, by name.
     pub(crate) router: Router<Arc<dyn Capability>>,
@@ -446,6 +460,7 @@ pub struct NodeBuilder<T> {
     config: NodeConfig,
     capabilities: Vec<Arc<dyn Capability>>,
     hidden: bool,
+    runtime: Option<tokio::runtime::Handle>,
     _transport: PhantomData<fn() -> T>,
 }
 
@@ -478,6 +493,7 @@ impl<T: Transport> NodeBuilder<T> {
             config: NodeConfig::default(),
             capabilities: Vec::new(),
             hidden: false,
+            runtime: None,
             _transport: PhantomData,
         }
     }
@@ -492,6 +508,7 @@ impl<T: Transport> NodeBuilder<T> {
             config: self.config,
             capabilities: self.capabilities,
             hidden: self.hidden,
+            runtime: self.runtime,
             _transport: PhantomData,
         }
     }
@@ -537,14 +554,70 @@ impl<T: Transport> NodeBuilder<T> {
         self
     }
 
+    /// Runs the node on `runtime` instead of the one that calls [`start`](Self::start): its
+    /// endpoint, links, processes and dials all run there, whichever runtime later calls
+    /// [`Node::spawn`] or [`Node::connect`] (sends run on the sender's task, as always).
+    ///
+    /// A node's processes, its link readers and its QUIC stack wake one another for every
+    /// message. On a multi-thread runtime those wake-ups often cross to another worker thread,
+    /// which costs a round trip far more than the work itself; a node on a current-thread runtime
+    /// of its own keeps them on one thread. For the lowest latency, give each node such a runtime
+    /// (see the README's performance section for the measured difference).
+    ///
+    /// ```
+    /// # #[cfg(feature = "quinn")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use rusm_cluster::{Identity, Node};
+    ///
+    /// // A current-thread runtime on a thread of its own, for the node.
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// let handle = rt.handle().clone();
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let thread = std::thread::spawn(move || rt.block_on(async { let _ = stopped.await; }));
+    ///
+    /// let app = tokio::runtime::Runtime::new()?;
+    /// app.block_on(async {
+    ///     let node = Node::builder("london")
+    ///         .identity(Identity::generate()?)
+    ///         .runtime(handle)
+    ///         .start()
+    ///         .await?;
+    ///     // ... use `node` from here, as usual ...
+    ///     node.shutdown().await;
+    ///     Ok::<_, rusm_cluster::Error>(())
+    /// })?;
+    /// let _ = stop.send(());
+    /// thread.join().expect("the node's thread");
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "quinn"))]
+    /// # fn main() {}
+    /// ```
+    pub fn runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(runtime);
+        self
+    }
+
     /// Sets the largest message payload this node accepts (and announces to peers).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.config.limits.max_message_size = bytes;
         self
     }
 
-    /// Binds the endpoint and starts accepting links. Must run inside a tokio runtime.
-    pub async fn start(self) -> Result<Node, Error> {
+    /// Binds the endpoint and starts accepting links. Must run inside a tokio runtime; the node
+    /// runs on that runtime, or on the one given to [`runtime`](Self::runtime).
+    pub async fn start(mut self) -> Result<Node, Error> {
+        match self.runtime.take() {
+            Some(runtime) => match runtime.spawn(self.start_here()).await {
+                Ok(started) => started,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(Error::Config(format!("the node's runtime: {e}"))),
+            },
+            None => self.start_here().await,
+        }
+    }
+
+    async fn start_here(self) -> Result<Node, Error> {
         let name = NodeName::new(&self.name)?;
         let identity = self
             .identity
@@ -635,11 +708,23 @@ impl<T: Transport> NodeBuilder<T> {
                 trust: live_trust,
                 handshakes: Arc::new(tokio::sync::Semaphore::new(pending_handshakes)),
                 refusals: Mutex::new(Default::default()),
+                runtime: tokio::runtime::Handle::current(),
             }),
         };
-        tokio::spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
+        node.inner
+            .runtime
+            .spawn(link::accept_loop(Arc::downgrade(&node.inner), transport));
         tracing::info!(node = %node.inner.name, addr = %local_addr, backend = T::NAME, "node started");
         Ok(node)
+    }
+}
+
+/// Aborts the task when dropped (a call awaiting a task on the node's runtime).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -702,7 +787,7 @@ impl Node {
             id,
             reason: ExitReason::Killed,
         };
-        let task = tokio::spawn(async move {
+        let task = self.inner.runtime.spawn(async move {
             use futures_util::FutureExt;
             // The whole guard moves in (not just the field assigned), so it drops with the task.
             let mut guard = guard;
@@ -903,6 +988,23 @@ impl Node {
     /// [`Error::Timeout`], [`Error::Transport`].
     pub async fn connect(&self, name: &str, addr: SocketAddr) -> Result<(), Error> {
         let peer = NodeName::new(name)?;
+        // The dial runs on the node's runtime (its QUIC connection's tasks start where it is
+        // dialled); dropping this call stops it, as if it ran here.
+        let node = self.clone();
+        let mut dial = AbortOnDrop(
+            self.inner
+                .runtime
+                .spawn(async move { node.connect_here(peer, addr).await }),
+        );
+        match (&mut dial.0).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The node's runtime is gone.
+            Err(_) => Err(Error::Shutdown),
+        }
+    }
+
+    async fn connect_here(&self, peer: NodeName, addr: SocketAddr) -> Result<(), Error> {
         if peer == self.inner.name {
             return Err(Error::Config("a node cannot connect to itself".into()));
         }

@@ -53,7 +53,8 @@ counters! {
     malformed_messages,
     /// Incoming messages lost in transit (stream reset, link down with gaps).
     lost_messages,
-    /// Messages that failed to be written to a peer (the link failed under them).
+    /// Messages that failed to be written to a peer, their send having returned an error (or, for
+    /// a coalesced stream, its write failed while the link stayed up).
     send_failures,
     /// Control frames that could not be decoded or were over the size limit (each closed its link).
     malformed_frames,

@@ -4,6 +4,8 @@
 //!
 //! - Waiting: [`within`] and [`wait_until`] (a test's 10 s), [`expect_within`] and [`poll`] for
 //!   any other limit ([`BENCH_DEADLINE`] for benches).
+//! - Send path: [`per_stream`] runs a test with coalescing off in every [`test_config`] and
+//!   [`builder`] it makes.
 //! - Nodes: [`start_node`] and [`node`], [`linked_pair`] and the tests' [`pair`], a bare endpoint
 //!   with [`bind_endpoint`] / [`raw_endpoint`].
 //! - Processes: [`collector`] with [`recv`], [`next_down`], an [`echo`] process, and counting
@@ -12,11 +14,13 @@
 //!   [`Latencies`] summary (p50 / p99, min, mean, max).
 
 mod latency;
+mod mode;
 mod nodes;
 mod procs;
 mod wait;
 
 pub use latency::{micros, percentile, round_trips, Latencies, PingError, Rank, RoundTrips};
+pub use mode::{builder, is_per_stream, per_stream, test_config};
 pub use nodes::{bind_endpoint, linked_pair, node, pair, raw_endpoint, start_node, PairError};
 pub use procs::{collector, counting_receiver, echo, next_down, recv, Shortfall, Tally};
 pub use wait::{

@@ -25,7 +25,7 @@ pub async fn start_node<T: Transport>(
 /// Starts node `name` with a certificate from `ca` and the default configuration; panics if it
 /// cannot.
 pub async fn node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
-    start_node::<T>(ca, name, NodeConfig::default())
+    start_node::<T>(ca, name, crate::test_config())
         .await
         .unwrap()
 }
@@ -36,7 +36,7 @@ pub async fn node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
 pub async fn pair<T: Transport>() -> (ClusterCa, Node, Node) {
     let ca = ClusterCa::generate("test").unwrap();
     let (paris, london) =
-        linked_pair::<T>(&ca, "paris", "london", NodeConfig::default(), TEST_TIMEOUT)
+        linked_pair::<T>(&ca, "paris", "london", crate::test_config(), TEST_TIMEOUT)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     (ca, london, paris)

@@ -13,9 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster::core::transport::{Connection, SendStream, Transport};
 use rusm_cluster::core::wire::{encode_header, Dest, EnvelopeHeader};
-use rusm_cluster::{
-    ClusterCa, DownReason, InboundClose, InboundConfig, Node, NodeConfig, NodeEvent,
-};
+use rusm_cluster::{ClusterCa, DownReason, InboundClose, InboundConfig, Node, NodeEvent};
 use rusm_testkit::start_node;
 
 use super::*;
@@ -72,7 +70,7 @@ async fn attacked<T: Transport>(
     inbound: InboundConfig,
 ) -> (Node, Node, mpsc::UnboundedReceiver<Message>, RawPeer<T>) {
     let ca = ClusterCa::generate("test").unwrap();
-    let mut config = NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.link_budget_bytes = BUDGET;
     config.inbound = inbound;
     config.limits.max_message_size = 1 << 20;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use rusm_cluster::core::router::RouteError;
 use rusm_cluster::core::transport::SendStream;
 use rusm_cluster::core::wire::{encode_frame, Frame};
-use rusm_cluster::{Capability, ClusterCa, DownReason, Error, Node, NodeBuilder, NodeName};
+use rusm_cluster::{Capability, ClusterCa, DownReason, Error, Node, NodeName};
 
 use super::*;
 
@@ -44,7 +44,7 @@ async fn echo_node<T: Transport>(
     name: &str,
 ) -> (Node, mpsc::UnboundedReceiver<Seen>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let node = NodeBuilder::<T>::new(name)
+    let node = rusm_testkit::builder::<T>(name)
         .identity(ca.issue(name).unwrap())
         .trust(ca.trust())
         .capability(Echo(tx))

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rusm_cluster::core::transport::{Connection, SendStream, Transport};
 use rusm_cluster::core::wire::{encode_header_into, Dest, EnvelopeHeader};
-use rusm_cluster::{ClusterCa, Coalescing, Node, NodeBuilder, NodeConfig};
+use rusm_cluster::{ClusterCa, Coalescing, Node};
 
 use super::*;
 
 /// Starts node `name` with coalescing on.
 async fn coalescing_node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
-    let mut config = NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.coalescing = Some(Coalescing::default());
-    NodeBuilder::<T>::new(name)
+    rusm_testkit::builder::<T>(name)
         .identity(ca.issue(name).unwrap())
         .trust(ca.trust())
         .config(config)
@@ -144,9 +144,9 @@ pub async fn several_messages_on_one_stream_are_split<T: Transport>() {
 /// everything arrives in order.
 pub async fn an_endless_stream_stays_within_the_link_budget<T: Transport>() {
     let ca = ClusterCa::generate("test").unwrap();
-    let mut config = NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.link_budget_bytes = 1 << 20;
-    let london = NodeBuilder::<T>::new("london")
+    let london = rusm_testkit::builder::<T>("london")
         .identity(ca.issue("london").unwrap())
         .trust(ca.trust())
         .config(config)

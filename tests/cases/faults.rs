@@ -104,7 +104,7 @@ async fn relay(server: SocketAddr) -> Path {
 }
 
 fn quick_liveness() -> NodeConfig {
-    let mut c = NodeConfig::default();
+    let mut c = rusm_testkit::test_config();
     c.tuning.idle_timeout = Duration::from_millis(1500);
     c.tuning.keep_alive_interval = Duration::from_millis(300);
     // These cases watch a link stay down; reconnecting has cases of its own.

@@ -8,7 +8,7 @@ use rusm_cluster::core::transport::{
 use rusm_cluster::core::wire::{
     encode_frame, encode_header, Dest, EnvelopeHeader, Frame, FrameDecoder, Hello, PROTOCOL_VERSION,
 };
-use rusm_cluster::{ClusterCa, Error, Node, NodeBuilder};
+use rusm_cluster::{ClusterCa, Error, Node};
 
 use super::*;
 
@@ -143,7 +143,7 @@ pub async fn oversized_control_frame_closes_only_that_link<T: Transport>() {
 
 pub async fn message_over_max_size_is_refused_by_sender<T: Transport>() {
     let ca = ClusterCa::generate("prod").unwrap();
-    let london = NodeBuilder::<T>::new("london")
+    let london = rusm_testkit::builder::<T>("london")
         .identity(ca.issue("london").unwrap())
         .trust(ca.trust())
         .max_message_size(1024)
@@ -229,7 +229,7 @@ pub async fn oversized_stream_is_stopped_by_receiver<T: Transport>() {
 /// flood is gone.
 pub async fn a_connection_flood_holds_a_bounded_number_of_places<T: Transport>() {
     let ca = ClusterCa::generate("test").unwrap();
-    let mut config = rusm_cluster::NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.max_pending_handshakes = 4;
     config.handshake_timeout = std::time::Duration::from_secs(2);
     let london = rusm_testkit::start_node::<T>(&ca, "london", config)

@@ -1,7 +1,7 @@
 //! A node's life: shutdown frees what the node held, so it can come back on the same address.
 
 use bytes::Bytes;
-use rusm_cluster::{ClusterCa, NodeBuilder};
+use rusm_cluster::ClusterCa;
 
 use super::*;
 
@@ -16,7 +16,7 @@ pub async fn a_node_restarts_on_its_old_address<T: Transport>() {
     next_down(&mut events).await;
     // The old handle is still alive; the address must be free all the same.
     let again = within(
-        NodeBuilder::<T>::new("london")
+        rusm_testkit::builder::<T>("london")
             .identity(ca.issue("london").unwrap())
             .trust(ca.trust())
             .listen(addr)
@@ -80,9 +80,8 @@ pub async fn exited_processes_leave_no_pair_state<T: Transport>() {
 /// A send dropped mid-write resets its stream: the receiver counts the message lost (once, with
 /// its sender's lost notice), never malformed, and the pair's next message is not held back.
 pub async fn a_cancelled_send_is_lost_not_malformed<T: Transport>() {
-    use rusm_cluster::NodeConfig;
     let ca = ClusterCa::generate("test").unwrap();
-    let mut config = NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.link_budget_bytes = 1 << 20;
     let london = rusm_testkit::start_node::<T>(&ca, "london", config)
         .await
@@ -136,4 +135,66 @@ pub async fn a_cancelled_send_is_lost_not_malformed<T: Transport>() {
     let stats = london.stats();
     assert_eq!(stats.malformed_messages, 0, "{stats:?}");
     assert_eq!(stats.lost_messages, lost, "counted once: {stats:?}");
+}
+
+/// A node given a runtime (`NodeBuilder::runtime`) runs there: its processes (even those
+/// spawned from another runtime) and its dials, while the caller stays on its own runtime.
+pub async fn a_node_runs_on_the_runtime_it_is_given<T: Transport>() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("london-runtime".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            })
+        })
+        .unwrap();
+
+    let ca = ClusterCa::generate("test").unwrap();
+    let london = within(
+        rusm_testkit::builder::<T>("london")
+            .identity(ca.issue("london").unwrap())
+            .trust(ca.trust())
+            .runtime(handle)
+            .start(),
+    )
+    .await
+    .unwrap();
+    // Spawned from the test's runtime, it runs on london's: it answers with its thread's name.
+    let where_am_i = london.spawn(|mut ctx| async move {
+        while ctx.recv().await.is_some() {
+            let here = std::thread::current().name().unwrap_or("").to_owned();
+            let _ = ctx.send("paris", "inbox", Bytes::from(here)).await;
+        }
+    });
+    london.register("where", &where_am_i).unwrap();
+    let paris = node::<T>(&ca, "paris").await;
+    let (inbox_pid, mut inbox) = collector(&paris);
+    paris.register("inbox", &inbox_pid).unwrap();
+    // london dials, from the test's runtime; the link runs on london's.
+    within(london.connect("paris", paris.local_addr()))
+        .await
+        .unwrap();
+    paris
+        .send("london", "where", Bytes::from_static(b"?"))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut inbox).await.payload(),
+        &Bytes::from_static(b"london-runtime")
+    );
+    assert_ne!(
+        std::thread::current().name(),
+        Some("london-runtime"),
+        "the test itself runs elsewhere"
+    );
+    london.shutdown().await;
+    paris.shutdown().await;
+    stop.send(()).unwrap();
+    thread.join().unwrap();
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{ClusterCa, DownReason, Error, Identity, NodeBuilder, NodeEvent};
+use rusm_cluster::{ClusterCa, DownReason, Error, Identity, NodeEvent};
 
 use super::*;
 
@@ -164,7 +164,7 @@ pub async fn remote_unknown_name_is_a_counted_dead_letter<T: Transport>() {
     // with a typed error and the payload back.
     let (old_pid, _inbox) = collector(&london);
     london.shutdown().await;
-    let london2 = NodeBuilder::<T>::new("london")
+    let london2 = rusm_testkit::builder::<T>("london")
         .identity(_ca.issue("london").unwrap())
         .trust(_ca.trust())
         .start()
@@ -272,12 +272,12 @@ pub async fn simultaneous_dials_keep_one_link<T: Transport>() {
 
 pub async fn shared_identity_cluster_works<T: Transport>() {
     let id = Identity::generate().unwrap();
-    let a = NodeBuilder::<T>::new("a")
+    let a = rusm_testkit::builder::<T>("a")
         .identity(id.clone())
         .start()
         .await
         .unwrap();
-    let b = NodeBuilder::<T>::new("b")
+    let b = rusm_testkit::builder::<T>("b")
         .identity(id)
         .start()
         .await

@@ -3,20 +3,20 @@
 
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{ClusterCa, NodeBuilder};
+use rusm_cluster::ClusterCa;
 
 use super::*;
 
 /// A node on backend `A` dials a node on backend `B`; both send by name and by pid, in order.
 pub async fn mixed_cluster<A: Transport, B: Transport>() {
     let ca = ClusterCa::generate("mixed").unwrap();
-    let a = NodeBuilder::<A>::new("alpha")
+    let a = rusm_testkit::builder::<A>("alpha")
         .identity(ca.issue("alpha").unwrap())
         .trust(ca.trust())
         .start()
         .await
         .unwrap();
-    let b = NodeBuilder::<B>::new("beta")
+    let b = rusm_testkit::builder::<B>("beta")
         .identity(ca.issue("beta").unwrap())
         .trust(ca.trust())
         .start()
@@ -48,7 +48,7 @@ pub async fn mixed_cluster<A: Transport, B: Transport>() {
 
     // And an impostor on the other backend is refused all the same.
     let rogue = ClusterCa::generate("mixed").unwrap();
-    let c = NodeBuilder::<B>::new("gamma")
+    let c = rusm_testkit::builder::<B>("gamma")
         .identity(rogue.issue("gamma").unwrap())
         .trust(ca.trust())
         .start()
@@ -74,13 +74,13 @@ pub async fn mixed_mesh_with_global_names<A: Transport, B: Transport>() {
         let name = format!("m{i}");
         let (id, trust) = (ca.issue(&name).unwrap(), ca.trust());
         let node = if i % 2 == 0 {
-            NodeBuilder::<A>::new(name)
+            rusm_testkit::builder::<A>(name)
                 .identity(id)
                 .trust(trust)
                 .start()
                 .await
         } else {
-            NodeBuilder::<B>::new(name)
+            rusm_testkit::builder::<B>(name)
                 .identity(id)
                 .trust(trust)
                 .start()
@@ -129,7 +129,7 @@ pub async fn mixed_mesh_with_global_names<A: Transport, B: Transport>() {
 /// from another CA) gets `Rejected` with the TLS reason, promptly, every time.
 pub async fn mixed_refusals_read_the_same<A: Transport, B: Transport>() {
     let mut ca = ClusterCa::generate("mixed").unwrap();
-    let listener = NodeBuilder::<B>::new("beta")
+    let listener = rusm_testkit::builder::<B>("beta")
         .identity(ca.issue("beta").unwrap())
         .trust(ca.trust())
         .start()
@@ -143,7 +143,7 @@ pub async fn mixed_refusals_read_the_same<A: Transport, B: Transport>() {
         ("gamma", revoked_id, CERTIFICATE_REVOKED),
         ("delta", rogue.issue("delta").unwrap(), DECRYPT_ERROR),
     ] {
-        let dialler = NodeBuilder::<A>::new(name)
+        let dialler = rusm_testkit::builder::<A>(name)
             .identity(id)
             .trust(ca.trust())
             .start()

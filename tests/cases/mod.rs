@@ -35,7 +35,7 @@ pub use streams::*;
 use std::time::Duration;
 
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{ClusterCa, Message, NodeBuilder, NodeEvent};
+use rusm_cluster::{ClusterCa, Message, NodeEvent};
 use tokio::sync::{broadcast, mpsc};
 
 // The helpers live in the workspace's testkit, shared with the benches and `rusm bench`.

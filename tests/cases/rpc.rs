@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusm_cluster::core::transport::Transport;
-use rusm_cluster::{
-    ClusterCa, Error, ExitReason, Message, MonitorRef, Node, NodeBuilder, NodeConfig, Notice, Pid,
-};
+use rusm_cluster::{ClusterCa, Error, ExitReason, Message, MonitorRef, Node, Notice, Pid};
 use tokio::sync::mpsc;
 
 use super::faults::CutPath;
@@ -325,7 +323,7 @@ pub async fn demonitor_and_node_monitors<T: Transport>() {
 /// it is declared down, and monitors of its processes fire with NoConnection.
 pub async fn requests_and_monitors_fail_when_the_node_is_lost<T: CutPath>() {
     let ca = ClusterCa::generate("rpc").unwrap();
-    let mut config = NodeConfig::default();
+    let mut config = rusm_testkit::test_config();
     config.tuning.idle_timeout = Duration::from_millis(1500);
     config.tuning.keep_alive_interval = Duration::from_millis(300);
     config.request_timeout = Duration::from_secs(30);
@@ -386,7 +384,7 @@ pub async fn attach_reads_the_report_without_joining<T: Transport>() {
         // Taken out and dropped: the mailbox is empty again.
         recv(&mut at_db).await;
     }
-    let ops = NodeBuilder::<T>::new("ops")
+    let ops = rusm_testkit::builder::<T>("ops")
         .identity(ca.issue("ops").unwrap())
         .trust(ca.trust())
         .hidden(true)
@@ -425,7 +423,7 @@ pub async fn attach_reads_the_report_without_joining<T: Transport>() {
     assert_eq!(ops.peers().len(), 1);
     // An attacher whose certificate the cluster does not trust is refused, and counted.
     let rogue = ClusterCa::generate("test").unwrap();
-    let intruder = NodeBuilder::<T>::new("ops2")
+    let intruder = rusm_testkit::builder::<T>("ops2")
         .identity(rogue.issue("ops2").unwrap())
         .trust(ca.trust())
         .hidden(true)

@@ -9,7 +9,7 @@ use rusm_cluster::core::transport::{
 use rusm_cluster::core::wire::{
     encode_frame, Frame, FrameDecoder, Hello, RejectReason, PROTOCOL_VERSION,
 };
-use rusm_cluster::{ClusterCa, DownReason, Error, Identity, NodeBuilder};
+use rusm_cluster::{ClusterCa, DownReason, Error, Identity};
 
 use super::*;
 
@@ -63,7 +63,7 @@ pub async fn untrusted_ca_is_rejected<T: Transport>() {
     let rogue_ca = ClusterCa::generate("prod").unwrap(); // same name, different key
     let london = node::<T>(&ca, "london").await;
     // A node with a certificate from another CA, trusting the real one.
-    let rogue = NodeBuilder::<T>::new("paris")
+    let rogue = rusm_testkit::builder::<T>("paris")
         .identity(rogue_ca.issue("paris").unwrap())
         .trust(ca.trust())
         .start()
@@ -95,7 +95,7 @@ pub async fn revoked_certificate_is_rejected<T: Transport>() {
     ca.revoke(paris_id.serial());
     // london starts with the CRL that revokes paris.
     let london = node::<T>(&ca, "london").await;
-    let paris = NodeBuilder::<T>::new("paris")
+    let paris = rusm_testkit::builder::<T>("paris")
         .identity(paris_id)
         .trust(ca.trust())
         .start()
@@ -115,7 +115,7 @@ pub async fn revoked_certificate_is_rejected<T: Transport>() {
         .unwrap_err();
     assert_tls_refusal(&err, "paris", CERTIFICATE_REVOKED);
     // A sibling certificate from the same CA is unaffected.
-    let berlin = NodeBuilder::<T>::new("berlin")
+    let berlin = rusm_testkit::builder::<T>("berlin")
         .identity(berlin_id)
         .trust(ca.trust())
         .start()
@@ -129,7 +129,7 @@ pub async fn impostor_name_is_rejected<T: Transport>() {
     let ca = ClusterCa::generate("prod").unwrap();
     let london = node::<T>(&ca, "london").await;
     // The builder refuses a certificate issued for another name outright...
-    let err = NodeBuilder::<T>::new("paris")
+    let err = rusm_testkit::builder::<T>("paris")
         .identity(ca.issue("mallory").unwrap())
         .trust(ca.trust())
         .start()
@@ -260,7 +260,7 @@ pub async fn shared_and_ca_identities_do_not_mix<T: Transport>() {
     let mode_mismatch = RejectReason::IdentityModeMismatch.to_string();
 
     // A CA-issued peer says hello to a shared-identity node.
-    let a = NodeBuilder::<T>::new("a")
+    let a = rusm_testkit::builder::<T>("a")
         .identity(shared.clone())
         .trust(trust.clone())
         .start()
@@ -290,7 +290,7 @@ pub async fn shared_and_ca_identities_do_not_mix<T: Transport>() {
     assert!(a.peers().is_empty());
 
     // A shared-identity peer says hello to a CA-issued node.
-    let c = NodeBuilder::<T>::new("c")
+    let c = rusm_testkit::builder::<T>("c")
         .identity(ca.issue("c").unwrap())
         .trust(trust.clone())
         .start()
@@ -321,7 +321,7 @@ pub async fn revoking_a_connected_peer_closes_its_link<T: Transport>() {
     let mut ca = ClusterCa::generate("test").unwrap();
     let paris_id = ca.issue("paris").unwrap();
     let london = node::<T>(&ca, "london").await;
-    let paris = NodeBuilder::<T>::new("paris")
+    let paris = rusm_testkit::builder::<T>("paris")
         .identity(paris_id.clone())
         .trust(ca.trust())
         .start()

@@ -89,12 +89,11 @@ pub async fn small_messages_overtake_a_large_one_when_coalescing<T: Transport>()
 }
 
 async fn overtaking<T: Transport>(coalescing: bool) {
-    use rusm_cluster::NodeConfig;
     const BIG: usize = 32 << 20;
     const SMALL: u32 = 200;
     let ca = ClusterCa::generate("test").unwrap();
     let start = |name: &'static str| {
-        let mut config = NodeConfig::default();
+        let mut config = rusm_testkit::test_config();
         if coalescing && name == "paris" {
             let mut c = rusm_cluster::Coalescing::default();
             c.direct_after_idle = None;
@@ -102,7 +101,7 @@ async fn overtaking<T: Transport>(coalescing: bool) {
         }
         config.limits.max_message_size = BIG;
         config.link_budget_bytes = 2 * BIG;
-        NodeBuilder::<T>::new(name)
+        rusm_testkit::builder::<T>(name)
             .identity(ca.issue(name).unwrap())
             .trust(ca.trust())
             .config(config)

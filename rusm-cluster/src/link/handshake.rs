@@ -156,7 +156,9 @@ pub(crate) async fn dial<T: Transport>(
         return Err(Error::Shutdown);
     };
     announce_up(&node, &link);
-    tokio::spawn(run_link(node.clone(), link, conn, send, recv, dec, rx));
+    node.inner
+        .runtime
+        .spawn(run_link(node.clone(), link, conn, send, recv, dec, rx));
     Ok(Dialled::Up)
 }
 
@@ -173,7 +175,10 @@ pub(crate) async fn accept_loop<T: Transport>(node: Weak<NodeInner>, transport: 
             drop(incoming);
             continue;
         };
-        tokio::spawn(accept_one::<T>(Node { inner }, incoming, place));
+        inner
+            .runtime
+            .clone()
+            .spawn(accept_one::<T>(Node { inner }, incoming, place));
     }
 }
 

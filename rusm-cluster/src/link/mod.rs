@@ -209,8 +209,10 @@ impl LinkHandle {
         }
     }
 
-    /// The link is down: fails what is still queued (counted in `send_failures`) and wakes
-    /// senders waiting for queue space, which then fail with `NotConnected`.
+    /// The link is down: ends what is still queued and wakes senders waiting for queue space,
+    /// which then fail with `NotConnected`. The queued messages were accepted (their sends
+    /// returned `Ok`), so they count as sent, like messages in flight on a stream: the peer never
+    /// receives them, and the next link to the same peer settles them as lost in transit.
     fn fail_queue(&self, inner: &NodeInner) {
         let Some(outbox) = &self.outbox else { return };
         let (batches, writing) = {
@@ -222,15 +224,21 @@ impl LinkHandle {
             )
         };
         outbox.space.close();
-        let failed = writing + batches.iter().map(|b| b.messages).sum::<usize>();
-        if failed > 0 {
-            inner
-                .stats
-                .send_failures
-                .fetch_add(failed as u64, Ordering::Relaxed);
-            warn!(node = %inner.name, peer = %self.peer, messages = failed, "queued messages lost with the link");
-            self.end_sends(failed);
+        let unsent = writing + batches.iter().map(|b| b.messages).sum::<usize>();
+        if unsent > 0 {
+            self.count_sent(inner, unsent);
+            warn!(node = %inner.name, peer = %self.peer, messages = unsent, "queued messages went down with the link (counted lost in transit once the peer relinks)");
+            self.end_sends(unsent);
         }
+    }
+
+    /// Counts `n` messages as sent over this link (and by the node).
+    fn count_sent(&self, inner: &NodeInner, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        inner
+            .stats
+            .messages_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn begin_send(&self) -> Option<ActiveSend<'_>> {
@@ -588,7 +596,7 @@ fn reconnect(node: &Node, peer: NodeName, addr: SocketAddr) {
         return;
     }
     let weak = Arc::downgrade(&node.inner);
-    tokio::spawn(async move {
+    node.inner.runtime.spawn(async move {
         let give_up = Instant::now() + cfg.give_up_after;
         let mut delay = cfg.first_backoff;
         while Instant::now() < give_up {

@@ -258,11 +258,16 @@ pub(super) async fn write_loop<C: Connection>(
         }
         match written {
             Ok(()) => {
-                link.sent.fetch_add(messages as u64, Ordering::Relaxed);
-                stats
-                    .messages_sent
-                    .fetch_add(messages as u64, Ordering::Relaxed);
+                link.count_sent(&node.inner, messages);
                 link.end_sends(messages);
+            }
+            Err(e) if e.is_connection_error() => {
+                // Accepted with `Ok` and now in no one's hands, like messages in flight on a
+                // stream: counted sent, and lost in transit once the peer relinks.
+                link.count_sent(&node.inner, messages);
+                warn!(node = %node.inner.name, peer = %link.peer, error = %e, messages, "coalesced stream went down with the link");
+                link.end_sends(messages);
+                std::future::pending::<()>().await;
             }
             Err(e) => {
                 stats
@@ -278,9 +283,6 @@ pub(super) async fn write_loop<C: Connection>(
                     });
                 }
                 link.end_sends(messages);
-                if e.is_connection_error() {
-                    std::future::pending::<()>().await;
-                }
             }
         }
     }
