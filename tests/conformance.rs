@@ -95,46 +95,39 @@ matrix!(quinn => rusm_transport_quinn::QuinnTransport);
 matrix!(s2n => rusm_transport_s2n::S2nTransport);
 matrix!(mem => rusm_transport_mem::MemTransport);
 
+/// Nodes on different backends in one cluster, in both dialling directions; `$wrap` as in
+/// `matrix!`.
+macro_rules! mixed {
+    ($module:ident, $wrap:path) => {
+        mod $module {
+            use rusm_transport_quinn::QuinnTransport;
+            use rusm_transport_s2n::S2nTransport;
+
+            macro_rules! pair {
+                ($name:ident => $case:ident::<$a:ty, $b:ty>) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $wrap(crate::cases::$case::<$a, $b>()).await
+                    }
+                };
+            }
+            pair!(quinn_dials_s2n => mixed_cluster::<QuinnTransport, S2nTransport>);
+            pair!(s2n_dials_quinn => mixed_cluster::<S2nTransport, QuinnTransport>);
+            pair!(s2n_refused_by_quinn_reads_the_same => mixed_refusals_read_the_same::<S2nTransport, QuinnTransport>);
+            pair!(quinn_refused_by_s2n_reads_the_same => mixed_refusals_read_the_same::<QuinnTransport, S2nTransport>);
+            pair!(quinn_and_s2n_form_one_mesh => mixed_mesh_with_global_names::<QuinnTransport, S2nTransport>);
+            pair!(s2n_and_quinn_form_one_mesh => mixed_mesh_with_global_names::<S2nTransport, QuinnTransport>);
+        }
+    };
+}
+
+mixed!(mixed, std::convert::identity);
+
 /// The same cases with coalescing off: every message on a stream of its own, the send path of a
 /// link that is never busy enough to coalesce (`per_stream::quinn::send_by_name`).
 mod per_stream {
     matrix!(quinn => rusm_transport_quinn::QuinnTransport, rusm_testkit::per_stream);
     matrix!(s2n => rusm_transport_s2n::S2nTransport, rusm_testkit::per_stream);
     matrix!(mem => rusm_transport_mem::MemTransport, rusm_testkit::per_stream);
-}
-
-/// Nodes on different backends in one cluster, in both dialling directions.
-mod mixed {
-    use rusm_transport_quinn::QuinnTransport;
-    use rusm_transport_s2n::S2nTransport;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn quinn_dials_s2n() {
-        crate::cases::mixed_cluster::<QuinnTransport, S2nTransport>().await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn s2n_dials_quinn() {
-        crate::cases::mixed_cluster::<S2nTransport, QuinnTransport>().await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn s2n_refused_by_quinn_reads_the_same() {
-        crate::cases::mixed_refusals_read_the_same::<S2nTransport, QuinnTransport>().await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn quinn_refused_by_s2n_reads_the_same() {
-        crate::cases::mixed_refusals_read_the_same::<QuinnTransport, S2nTransport>().await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn quinn_and_s2n_form_one_mesh() {
-        crate::cases::mixed_mesh_with_global_names::<QuinnTransport, S2nTransport>().await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn s2n_and_quinn_form_one_mesh() {
-        crate::cases::mixed_mesh_with_global_names::<S2nTransport, QuinnTransport>().await
-    }
+    mixed!(mixed, rusm_testkit::per_stream);
 }

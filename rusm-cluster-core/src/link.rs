@@ -64,7 +64,9 @@ pub struct PeerIntro {
 pub struct EndedLink {
     /// The link's id.
     pub link: u64,
-    /// Messages this node wrote to the link in full.
+    /// Messages this node sent over the link: written to it in full, or being written when it
+    /// failed (messages queued and never written are not counted here: their sender counts them
+    /// lost at once).
     pub sent: u64,
     /// Messages from the peer that reached this node over the link.
     pub reached: u64,

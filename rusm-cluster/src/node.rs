@@ -564,6 +564,10 @@ impl<T: Transport> NodeBuilder<T> {
     /// of its own keeps them on one thread. For the lowest latency, give each node such a runtime
     /// (see the README's performance section for the measured difference).
     ///
+    /// The runtime must be driven (a current-thread runtime by a thread blocking on it) for as
+    /// long as the node lives: shut the node down before the runtime, since a runtime that stops
+    /// drops the node's tasks without their teardown.
+    ///
     /// ```
     /// # #[cfg(feature = "quinn")]
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -608,7 +612,7 @@ impl<T: Transport> NodeBuilder<T> {
     /// runs on that runtime, or on the one given to [`runtime`](Self::runtime).
     pub async fn start(mut self) -> Result<Node, Error> {
         match self.runtime.take() {
-            Some(runtime) => match runtime.spawn(self.start_here()).await {
+            Some(runtime) => match AbortOnDrop(runtime.spawn(self.start_here())).join().await {
                 Ok(started) => started,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(e) => Err(Error::Config(format!("the node's runtime: {e}"))),
@@ -719,8 +723,28 @@ impl<T: Transport> NodeBuilder<T> {
     }
 }
 
+/// A dial in progress to `peer` (in `Links::dialling`); dropping it ends the mark and wakes
+/// those waiting for that dial to end.
+struct DiallingMark<'a> {
+    inner: &'a NodeInner,
+    peer: &'a NodeName,
+}
+
+impl Drop for DiallingMark<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.links).dialling.remove(self.peer);
+        self.inner.links_changed.notify_waiters();
+    }
+}
+
 /// Aborts the task when dropped (a call awaiting a task on the node's runtime).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(&mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -996,7 +1020,7 @@ impl Node {
                 .runtime
                 .spawn(async move { node.connect_here(peer, addr).await }),
         );
-        match (&mut dial.0).await {
+        match dial.join().await {
             Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The node's runtime is gone.
@@ -1074,13 +1098,17 @@ impl Node {
         if someone_else_dials {
             return Attempt::OtherDial;
         }
+        // The mark goes with the dial, even one dropped half-way (a cancelled connect).
+        let dialling = DiallingMark {
+            inner: &self.inner,
+            peer: &peer,
+        };
         let res = tokio::time::timeout(
             self.inner.config.handshake_timeout,
             self.inner.dialer.dial(self.clone(), peer.clone(), addr),
         )
         .await;
-        lock(&self.inner.links).dialling.remove(&peer);
-        self.inner.links_changed.notify_waiters();
+        drop(dialling);
         Attempt::Done(match res {
             Ok(Ok(Dialled::Up)) => Ok(()),
             // The peer's own dial to us won the tie-break: that link is (or is about to be) up.

@@ -1,4 +1,4 @@
-//! Opt-in coalescing: queued messages to one peer share streams, order and count are kept, a
+//! Coalescing (on by default; forced on here, whatever the arm): queued messages to one peer share streams, order and count are kept, a
 //! goodbye flushes the queue; and any receiver splits a stream of several messages, within its
 //! memory budget.
 
@@ -95,12 +95,18 @@ pub async fn coalesced_goodbye_flushes_the_queue<T: Transport>() {
     for i in 0..N {
         paris.send("london", "sink", numbered(i, 64)).await.unwrap();
     }
+    let streams = paris.peers()[0].streams_sent;
     within(paris.shutdown()).await;
     for i in 0..N {
         assert_eq!(number(&recv(&mut inbox).await), i);
     }
     assert_eq!(paris.stats().send_failures, 0);
     assert_eq!(paris.stats().messages_sent, N);
+    assert_eq!(paris.stats().lost_in_transit, 0);
+    assert!(
+        streams < N / 2,
+        "{N} messages went on {streams} streams by the goodbye: little was queued"
+    );
 }
 
 /// Several messages on one stream, from any peer: each is delivered, and one cut short at the

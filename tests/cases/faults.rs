@@ -291,10 +291,11 @@ pub async fn a_restarted_peer_replaces_its_stale_link<T: CutPath>() {
     }
 }
 
-/// Messages sent on a link whose cable is cut (their sends return `Ok`: the stack holds them)
-/// never arrive; once the path is back and the link is relinked, the two nodes compare what
-/// they sent and received over the failed link, and the sender counts exactly those messages in
-/// `lost_in_transit`. Nothing is counted twice, and nothing delivered is counted lost.
+/// Messages sent on a link whose cable is cut (their sends return `Ok`: the stack or the link's
+/// queue holds them) never arrive. Those never written are counted lost at once; for the rest,
+/// once the path is back and the link is relinked, the two nodes compare what they sent and
+/// received over the failed link. In the end the sender counts exactly the messages sent after
+/// the cut in `lost_in_transit`: nothing is counted twice, and nothing delivered is counted lost.
 pub async fn messages_lost_in_transit_are_counted_on_relink<T: CutPath>() {
     let (london, paris, path) = pair_over_path::<T>(quick_reconnecting()).await;
     let (p, mut inbox) = collector(&london);
@@ -310,14 +311,15 @@ pub async fn messages_lost_in_transit_are_counted_on_relink<T: CutPath>() {
     }
     let mut events = paris.subscribe();
     path.cut();
-    // After the cut: what the stack still takes is sent `Ok`, and cannot arrive.
+    // After the cut: what the link still accepts is sent `Ok`, and cannot arrive. 8 MiB of
+    // messages: more than a coalescing link writes unacknowledged (4 streams) plus its queue
+    // (4 MiB), so part of what is accepted is never written; senders then wait for queue space
+    // until the link is declared down.
     let mut ok = 0u64;
-    for i in 100..300u32 {
-        if paris
-            .send_to(&p, Bytes::copy_from_slice(&i.to_be_bytes()))
-            .await
-            .is_ok()
-        {
+    for i in 100..8292u32 {
+        let mut payload = vec![0u8; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        if paris.send_to(&p, Bytes::from(payload)).await.is_ok() {
             ok += 1;
         }
     }
@@ -329,14 +331,21 @@ pub async fn messages_lost_in_transit_are_counted_on_relink<T: CutPath>() {
         NodeEvent::NodeDown { reason, .. } => assert_eq!(reason, DownReason::TimedOut),
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        paris.stats().lost_in_transit,
-        0,
-        "not known before the relink"
-    );
+    // Messages queued and never written are known lost at once; what was written is known
+    // only once the two nodes compare notes on the next link.
+    let known_at_once = paris.stats().lost_in_transit;
+    if rusm_testkit::is_per_stream() {
+        assert_eq!(known_at_once, 0, "a stream per message: nothing was queued");
+    } else {
+        assert!(
+            known_at_once > 0 && known_at_once < ok,
+            "coalescing: {known_at_once} of {ok} never written"
+        );
+    }
+    assert_eq!(paris.stats().messages_sent, 100 + ok);
     path.restore();
     wait_until(|| paris.peers().len() == 1 && london.peers().len() == 1).await;
-    wait_until(|| paris.stats().lost_in_transit > 0).await;
+    wait_until(|| paris.stats().lost_in_transit > known_at_once).await;
     assert_eq!(paris.stats().lost_in_transit, ok);
     assert_eq!(london.stats().lost_in_transit, 0);
     assert_eq!(london.stats().messages_received, 100);

@@ -211,8 +211,9 @@ impl LinkHandle {
 
     /// The link is down: ends what is still queued and wakes senders waiting for queue space,
     /// which then fail with `NotConnected`. The queued messages were accepted (their sends
-    /// returned `Ok`), so they count as sent, like messages in flight on a stream: the peer never
-    /// receives them, and the next link to the same peer settles them as lost in transit.
+    /// returned `Ok`), so they count as sent. Those never handed to the transport are lost in
+    /// transit, known at once; the batch being written, which may have partly arrived, counts
+    /// as sent over this link, and the next link to the same peer settles what of it is lost.
     fn fail_queue(&self, inner: &NodeInner) {
         let Some(outbox) = &self.outbox else { return };
         let (batches, writing) = {
@@ -224,12 +225,17 @@ impl LinkHandle {
             )
         };
         outbox.space.close();
-        let unsent = writing + batches.iter().map(|b| b.messages).sum::<usize>();
-        if unsent > 0 {
-            self.count_sent(inner, unsent);
-            warn!(node = %inner.name, peer = %self.peer, messages = unsent, "queued messages went down with the link (counted lost in transit once the peer relinks)");
-            self.end_sends(unsent);
+        let unwritten = batches.iter().map(|b| b.messages).sum::<usize>();
+        if writing > 0 {
+            self.count_sent(inner, writing);
         }
+        if unwritten > 0 {
+            let n = unwritten as u64;
+            inner.stats.messages_sent.fetch_add(n, Ordering::Relaxed);
+            inner.stats.lost_in_transit.fetch_add(n, Ordering::Relaxed);
+            warn!(node = %inner.name, peer = %self.peer, messages = unwritten, "queued messages never written went down with the link (counted lost in transit)");
+        }
+        self.end_sends(writing + unwritten);
     }
 
     /// Counts `n` messages as sent over this link (and by the node).

@@ -1,4 +1,4 @@
-//! Opt-in coalescing ([`Coalescing`]): senders queue envelopes on the link, and one writer per
+//! Coalescing ([`Coalescing`], on by default): senders queue envelopes on the link, and one writer per
 //! link carries what queued up on shared streams, with at most a few streams unacknowledged.
 //! A message sent while nothing is queued or being written goes out at once from the sender's
 //! task, on a stream of its own (as on the default path): an idle link pays no task hop, and

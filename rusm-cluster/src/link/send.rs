@@ -188,9 +188,12 @@ async fn write_message<S: SendStream>(
     match written {
         Ok(()) => {
             lost.notice = None;
-            if let (Some(allowance), Some(mut stream)) = (allowance, lost.stream.take()) {
-                // Given back once the peer has the whole message (or the link failed).
-                tokio::spawn(async move {
+            if let (Some(allowance), Some(mut stream), Some(node)) =
+                (allowance, lost.stream.take(), link.node.upgrade())
+            {
+                // Given back once the peer has the whole message (or the link failed); waited
+                // for on the node's runtime, whatever the sender's.
+                node.runtime.spawn(async move {
                     let _ = stream.delivered().await;
                     drop(allowance);
                 });
