@@ -113,6 +113,9 @@ pub(crate) struct BenchArgs {
     /// comes soon finds it running).
     #[arg(long, hide = true, default_value_t = 0)]
     pub(crate) spin_us: u64,
+    /// Experiment: `Coalescing::direct_after_idle` in µs for our runs (default: the library's).
+    #[arg(long, hide = true)]
+    direct_after_idle_us: Option<u64>,
     /// Print one JSON array (an object per backend, size and receiver count) instead of the
     /// table.
     #[arg(long)]
@@ -135,6 +138,7 @@ struct Case {
     round_trips: usize,
     per_stream: bool,
     runtime: RuntimeMode,
+    direct_after_idle_us: Option<u64>,
 }
 
 impl BenchArgs {
@@ -156,6 +160,7 @@ impl BenchArgs {
                     round_trips: self.round_trips,
                     per_stream: self.per_stream,
                     runtime: self.runtime,
+                    direct_after_idle_us: self.direct_after_idle_us,
                 });
             }
         }
@@ -493,6 +498,9 @@ async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)
     let mut config = NodeConfig::default();
     if case.per_stream {
         config.coalescing = None;
+    }
+    if let (Some(c), Some(us)) = (config.coalescing.as_mut(), case.direct_after_idle_us) {
+        c.direct_after_idle = Some(Duration::from_micros(us));
     }
     if case.runtime == RuntimeMode::PerNode {
         return per_node_pair::<T>(ca, config).await;
