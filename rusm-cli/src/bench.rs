@@ -116,6 +116,12 @@ pub(crate) struct BenchArgs {
     /// Experiment: `Coalescing::direct_after_idle` in µs for our runs (default: the library's).
     #[arg(long, hide = true)]
     direct_after_idle_us: Option<u64>,
+    /// Experiment: `TransportTuning::connection_receive_window` in MiB for our nodes.
+    #[arg(long, hide = true)]
+    window_mib: Option<u32>,
+    /// Experiment: `TransportTuning::max_concurrent_uni_streams` for our nodes.
+    #[arg(long, hide = true)]
+    uni_streams: Option<u32>,
     /// Print one JSON array (an object per backend, size and receiver count) instead of the
     /// table.
     #[arg(long)]
@@ -139,6 +145,8 @@ struct Case {
     per_stream: bool,
     runtime: RuntimeMode,
     direct_after_idle_us: Option<u64>,
+    window_mib: Option<u32>,
+    uni_streams: Option<u32>,
 }
 
 impl BenchArgs {
@@ -161,6 +169,8 @@ impl BenchArgs {
                     per_stream: self.per_stream,
                     runtime: self.runtime,
                     direct_after_idle_us: self.direct_after_idle_us,
+                    window_mib: self.window_mib,
+                    uni_streams: self.uni_streams,
                 });
             }
         }
@@ -501,6 +511,12 @@ async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)
     }
     if let (Some(c), Some(us)) = (config.coalescing.as_mut(), case.direct_after_idle_us) {
         c.direct_after_idle = Some(Duration::from_micros(us));
+    }
+    if let Some(n) = case.uni_streams {
+        config.tuning.max_concurrent_uni_streams = n;
+    }
+    if let Some(mib) = case.window_mib {
+        config.tuning.connection_receive_window = mib << 20;
     }
     if case.runtime == RuntimeMode::PerNode {
         return per_node_pair::<T>(ca, config).await;
