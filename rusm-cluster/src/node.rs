@@ -614,11 +614,9 @@ impl<T: Transport> NodeBuilder<T> {
     /// runs on that runtime, or on the one given to [`runtime`](Self::runtime).
     pub async fn start(mut self) -> Result<Node, Error> {
         match self.runtime.take() {
-            Some(runtime) => match AbortOnDrop(runtime.spawn(self.start_here())).join().await {
-                Ok(started) => started,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => Err(Error::Config(format!("the node's runtime: {e}"))),
-            },
+            Some(runtime) => run_on(&runtime, self.start_here())
+                .await
+                .unwrap_or_else(|e| Err(Error::Config(format!("the node's runtime: {e}")))),
             None => self.start_here().await,
         }
     }
@@ -739,18 +737,27 @@ impl Drop for DiallingMark<'_> {
     }
 }
 
-/// Aborts the task when dropped (a call awaiting a task on the node's runtime).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> AbortOnDrop<T> {
-    async fn join(&mut self) -> Result<T, tokio::task::JoinError> {
-        (&mut self.0).await
+/// Runs `fut` as a task on `runtime` and waits for it, as if it ran in the caller: dropping the
+/// wait aborts the task, and a panic in it resumes in the caller. `Err` when the runtime
+/// dropped the task (it shut down).
+async fn run_on<F>(
+    runtime: &tokio::runtime::Handle,
+    fut: F,
+) -> Result<F::Output, tokio::task::JoinError>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
     }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
+    let mut task = AbortOnDrop(runtime.spawn(fut));
+    match (&mut task.0).await {
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        other => other,
     }
 }
 
@@ -1017,17 +1024,12 @@ impl Node {
         // The dial runs on the node's runtime (its QUIC connection's tasks start where it is
         // dialled); dropping this call stops it, as if it ran here.
         let node = self.clone();
-        let mut dial = AbortOnDrop(
-            self.inner
-                .runtime
-                .spawn(async move { node.connect_here(peer, addr).await }),
-        );
-        match dial.join().await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The node's runtime is gone.
-            Err(_) => Err(Error::Shutdown),
-        }
+        run_on(&self.inner.runtime, async move {
+            node.connect_here(peer, addr).await
+        })
+        .await
+        // The node's runtime is gone.
+        .unwrap_or(Err(Error::Shutdown))
     }
 
     async fn connect_here(&self, peer: NodeName, addr: SocketAddr) -> Result<(), Error> {

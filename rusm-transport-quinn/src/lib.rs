@@ -49,8 +49,8 @@ pub struct QuinnTransport {
 /// Uni-streams a peer may open before its link is up (see
 /// [`Connection::grant_stream_credit`](core::Connection::grant_stream_credit)). quinn sets aside
 /// state for every stream a peer may open, when the connection is made: at the 10,000 we tuned
-/// then (1,000 since) that was ~0.45 MiB per connection, which a flood of connections that never say hello (or whose
-/// certificate is refused) turned into hundreds of MiB.
+/// then (1,000 since) that was ~0.45 MiB per connection, which a flood of connections that never
+/// say hello (or whose certificate is refused) turned into hundreds of MiB.
 const HANDSHAKE_UNI_STREAMS: u32 = 32;
 
 fn transport_config(t: &TransportTuning) -> Result<Arc<quinn::TransportConfig>, TransportError> {
