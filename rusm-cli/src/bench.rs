@@ -21,7 +21,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rusm_cluster::core::transport::{Connection, RecvStream, SendStream, Transport};
@@ -113,6 +113,23 @@ pub(crate) struct BenchArgs {
     /// comes soon finds it running).
     #[arg(long, hide = true, default_value_t = 0)]
     pub(crate) spin_us: u64,
+    /// Print one JSON array (an object per backend, size and receiver count) instead of the
+    /// table.
+    #[arg(long)]
+    json: bool,
+    /// Settings of our nodes.
+    #[command(flatten)]
+    nodes: NodeSettings,
+}
+
+/// How `rusm bench` configures our nodes (the raw baselines are unaffected).
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct NodeSettings {
+    /// Turn coalescing off for our runs, so every message goes on a stream of its own (by
+    /// default a busy link coalesces queued messages into shared streams); the raw baselines are
+    /// unchanged.
+    #[arg(long)]
+    per_stream: bool,
     /// Experiment: `Coalescing::direct_after_idle` in µs for our runs (default: the library's).
     #[arg(long, hide = true)]
     direct_after_idle_us: Option<u64>,
@@ -122,15 +139,26 @@ pub(crate) struct BenchArgs {
     /// Experiment: `TransportTuning::max_concurrent_uni_streams` for our nodes.
     #[arg(long, hide = true)]
     uni_streams: Option<u32>,
-    /// Print one JSON array (an object per backend, size and receiver count) instead of the
-    /// table.
-    #[arg(long)]
-    json: bool,
-    /// Turn coalescing off for our runs, so every message goes on a stream of its own (by
-    /// default a busy link coalesces queued messages into shared streams); the raw baselines are
-    /// unchanged.
-    #[arg(long)]
-    per_stream: bool,
+}
+
+impl NodeSettings {
+    /// The defaults with these settings applied.
+    fn config(&self) -> NodeConfig {
+        let mut config = NodeConfig::default();
+        if self.per_stream {
+            config.coalescing = None;
+        }
+        if let (Some(c), Some(us)) = (config.coalescing.as_mut(), self.direct_after_idle_us) {
+            c.direct_after_idle = Some(Duration::from_micros(us));
+        }
+        if let Some(n) = self.uni_streams {
+            config.tuning.max_concurrent_uni_streams = n;
+        }
+        if let Some(mib) = self.window_mib {
+            config.tuning.connection_receive_window = mib << 20;
+        }
+        config
+    }
 }
 
 /// One measured configuration: what every run function needs, taken from [`BenchArgs`] with one
@@ -142,11 +170,8 @@ struct Case {
     duration: f64,
     messages: Option<u64>,
     round_trips: usize,
-    per_stream: bool,
+    nodes: NodeSettings,
     runtime: RuntimeMode,
-    direct_after_idle_us: Option<u64>,
-    window_mib: Option<u32>,
-    uni_streams: Option<u32>,
 }
 
 impl BenchArgs {
@@ -166,11 +191,8 @@ impl BenchArgs {
                     duration: self.duration,
                     messages: self.messages,
                     round_trips: self.round_trips,
-                    per_stream: self.per_stream,
+                    nodes: self.nodes,
                     runtime: self.runtime,
-                    direct_after_idle_us: self.direct_after_idle_us,
-                    window_mib: self.window_mib,
-                    uni_streams: self.uni_streams,
                 });
             }
         }
@@ -332,7 +354,7 @@ fn print_table(args: &BenchArgs, cases: &[Case], rows: &[Row]) {
         list(|c| c.size),
         list(|c| c.receivers),
         args.runtime,
-        if args.per_stream {
+        if args.nodes.per_stream {
             "off (--per-stream)"
         } else {
             "on when busy (the default)"
@@ -430,7 +452,7 @@ async fn bench_backend<T: Transport>(args: &BenchArgs, case: &Case) -> Result<Ro
         runtime: args.runtime,
         size: case.size,
         receivers: case.receivers,
-        coalescing: !case.per_stream,
+        coalescing: !case.nodes.per_stream,
         runs: args.repeat,
         sent: last.0,
         received: last.1,
@@ -505,19 +527,7 @@ impl Drop for AbortOnDrop {
 
 /// `sender` connected to `receiver`, once both ends see the link.
 async fn nodes<T: Transport>(ca: &ClusterCa, case: &Case) -> Result<(Node, Node)> {
-    let mut config = NodeConfig::default();
-    if case.per_stream {
-        config.coalescing = None;
-    }
-    if let (Some(c), Some(us)) = (config.coalescing.as_mut(), case.direct_after_idle_us) {
-        c.direct_after_idle = Some(Duration::from_micros(us));
-    }
-    if let Some(n) = case.uni_streams {
-        config.tuning.max_concurrent_uni_streams = n;
-    }
-    if let Some(mib) = case.window_mib {
-        config.tuning.connection_receive_window = mib << 20;
-    }
+    let config = case.nodes.config();
     if case.runtime == RuntimeMode::PerNode {
         return per_node_pair::<T>(ca, config).await;
     }
@@ -535,24 +545,24 @@ async fn per_node_pair<T: Transport>(ca: &ClusterCa, config: NodeConfig) -> Resu
         .start()
         .await?;
     let sender = rusm_testkit::start_node::<T>(ca, "sender", config).await?;
-    sender.connect("receiver", receiver.local_addr()).await?;
-    tokio::time::timeout(
-        BENCH_DEADLINE,
-        rusm_testkit::poll(|| !receiver.peers().is_empty()),
-    )
-    .await
-    .context("the receiver never saw the link")?;
+    rusm_testkit::link::<T>(&sender, &receiver, BENCH_DEADLINE).await?;
     Ok((sender, receiver))
 }
 
 /// `--spin-us`, for runtimes the bench builds itself.
 pub(crate) static SPIN_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Busy-waits for `d` (`--spin-us`).
-pub(crate) fn spin_for(d: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < d {
-        std::hint::spin_loop();
+/// `--spin-us`: every thread of the runtime `builder` makes busy-waits that long before it
+/// parks.
+pub(crate) fn spin_before_park(builder: &mut tokio::runtime::Builder) {
+    let spin = Duration::from_micros(SPIN_US.load(std::sync::atomic::Ordering::Relaxed));
+    if !spin.is_zero() {
+        builder.on_thread_park(move || {
+            let start = Instant::now();
+            while start.elapsed() < spin {
+                std::hint::spin_loop();
+            }
+        });
     }
 }
 
@@ -563,10 +573,7 @@ fn node_thread() -> tokio::runtime::Handle {
     HANDLE
         .get_or_init(|| {
             let mut builder = tokio::runtime::Builder::new_current_thread();
-            let spin = Duration::from_micros(SPIN_US.load(std::sync::atomic::Ordering::Relaxed));
-            if !spin.is_zero() {
-                builder.on_thread_park(move || spin_for(spin));
-            }
+            spin_before_park(&mut builder);
             let rt = builder
                 .enable_all()
                 .build()

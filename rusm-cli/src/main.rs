@@ -90,10 +90,7 @@ fn main() -> std::process::ExitCode {
     };
     if let Command::Bench(args) = &cli.command {
         bench::SPIN_US.store(args.spin_us, std::sync::atomic::Ordering::Relaxed);
-        let spin = std::time::Duration::from_micros(args.spin_us);
-        if !spin.is_zero() {
-            builder.on_thread_park(move || bench::spin_for(spin));
-        }
+        bench::spin_before_park(&mut builder);
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -22,6 +22,14 @@ pub async fn start_node<T: Transport>(
         .await
 }
 
+/// A [`builder`](crate::builder) for node `name` with a certificate from `ca`, trusting `ca`;
+/// panics if `ca` cannot issue it.
+pub fn issued<T: Transport>(ca: &ClusterCa, name: &str) -> NodeBuilder<T> {
+    crate::builder::<T>(name)
+        .identity(ca.issue(name).unwrap())
+        .trust(ca.trust())
+}
+
 /// Starts node `name` with a certificate from `ca` and the default configuration; panics if it
 /// cannot.
 pub async fn node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
@@ -101,18 +109,29 @@ pub async fn linked_pair<T: Transport>(
     };
     let b = start(listener).await?;
     let a = start(dialler).await?;
-    a.connect(listener, b.local_addr())
+    link::<T>(&a, &b, limit).await?;
+    Ok((a, b))
+}
+
+/// Connects `dialler` to `listener` (nodes on backend `T`) and returns once both ends see the
+/// link; the listener's side is waited for at most `limit`.
+pub async fn link<T: Transport>(
+    dialler: &Node,
+    listener: &Node,
+    limit: Duration,
+) -> Result<(), PairError> {
+    dialler
+        .connect(listener.name().as_str(), listener.local_addr())
         .await
         .map_err(|source| PairError::Connect {
-            from: dialler.to_owned(),
-            to: listener.to_owned(),
+            from: dialler.name().to_string(),
+            to: listener.name().to_string(),
             backend: T::NAME,
             source,
         })?;
-    tokio::time::timeout(limit, poll(|| !b.peers().is_empty()))
+    tokio::time::timeout(limit, poll(|| !listener.peers().is_empty()))
         .await
-        .map_err(|_| PairError::NotLinked { waited: limit })?;
-    Ok((a, b))
+        .map_err(|_| PairError::NotLinked { waited: limit })
 }
 
 /// Binds a bare endpoint of backend `T` with identity `id`, trusting `ca`, on a free port of

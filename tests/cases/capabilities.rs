@@ -44,9 +44,7 @@ async fn echo_node<T: Transport>(
     name: &str,
 ) -> (Node, mpsc::UnboundedReceiver<Seen>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let node = rusm_testkit::builder::<T>(name)
-        .identity(ca.issue(name).unwrap())
-        .trust(ca.trust())
+    let node = rusm_testkit::issued::<T>(ca, name)
         .capability(Echo(tx))
         .start()
         .await

@@ -16,9 +16,7 @@ use super::*;
 async fn coalescing_node<T: Transport>(ca: &ClusterCa, name: &str) -> Node {
     let mut config = rusm_testkit::test_config();
     config.coalescing = Some(Coalescing::default());
-    rusm_testkit::builder::<T>(name)
-        .identity(ca.issue(name).unwrap())
-        .trust(ca.trust())
+    rusm_testkit::issued::<T>(ca, name)
         .config(config)
         .start()
         .await
@@ -152,9 +150,7 @@ pub async fn an_endless_stream_stays_within_the_link_budget<T: Transport>() {
     let ca = ClusterCa::generate("test").unwrap();
     let mut config = rusm_testkit::test_config();
     config.link_budget_bytes = 1 << 20;
-    let london = rusm_testkit::builder::<T>("london")
-        .identity(ca.issue("london").unwrap())
-        .trust(ca.trust())
+    let london = rusm_testkit::issued::<T>(&ca, "london")
         .config(config)
         .start()
         .await

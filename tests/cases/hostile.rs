@@ -143,9 +143,7 @@ pub async fn oversized_control_frame_closes_only_that_link<T: Transport>() {
 
 pub async fn message_over_max_size_is_refused_by_sender<T: Transport>() {
     let ca = ClusterCa::generate("prod").unwrap();
-    let london = rusm_testkit::builder::<T>("london")
-        .identity(ca.issue("london").unwrap())
-        .trust(ca.trust())
+    let london = rusm_testkit::issued::<T>(&ca, "london")
         .max_message_size(1024)
         .start()
         .await

@@ -16,9 +16,7 @@ pub async fn a_node_restarts_on_its_old_address<T: Transport>() {
     next_down(&mut events).await;
     // The old handle is still alive; the address must be free all the same.
     let again = within(
-        rusm_testkit::builder::<T>("london")
-            .identity(ca.issue("london").unwrap())
-            .trust(ca.trust())
+        rusm_testkit::issued::<T>(&ca, "london")
             .listen(addr)
             .start(),
     )
@@ -157,9 +155,7 @@ pub async fn a_node_runs_on_the_runtime_it_is_given<T: Transport>() {
 
     let ca = ClusterCa::generate("test").unwrap();
     let london = within(
-        rusm_testkit::builder::<T>("london")
-            .identity(ca.issue("london").unwrap())
-            .trust(ca.trust())
+        rusm_testkit::issued::<T>(&ca, "london")
             .runtime(handle)
             .start(),
     )

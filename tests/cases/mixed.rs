@@ -10,15 +10,11 @@ use super::*;
 /// A node on backend `A` dials a node on backend `B`; both send by name and by pid, in order.
 pub async fn mixed_cluster<A: Transport, B: Transport>() {
     let ca = ClusterCa::generate("mixed").unwrap();
-    let a = rusm_testkit::builder::<A>("alpha")
-        .identity(ca.issue("alpha").unwrap())
-        .trust(ca.trust())
+    let a = rusm_testkit::issued::<A>(&ca, "alpha")
         .start()
         .await
         .unwrap();
-    let b = rusm_testkit::builder::<B>("beta")
-        .identity(ca.issue("beta").unwrap())
-        .trust(ca.trust())
+    let b = rusm_testkit::issued::<B>(&ca, "beta")
         .start()
         .await
         .unwrap();
@@ -129,9 +125,7 @@ pub async fn mixed_mesh_with_global_names<A: Transport, B: Transport>() {
 /// from another CA) gets `Rejected` with the TLS reason, promptly, every time.
 pub async fn mixed_refusals_read_the_same<A: Transport, B: Transport>() {
     let mut ca = ClusterCa::generate("mixed").unwrap();
-    let listener = rusm_testkit::builder::<B>("beta")
-        .identity(ca.issue("beta").unwrap())
-        .trust(ca.trust())
+    let listener = rusm_testkit::issued::<B>(&ca, "beta")
         .start()
         .await
         .unwrap();

@@ -300,9 +300,7 @@ pub async fn a_hidden_node_never_joins_the_mesh_or_the_registry<T: Transport>() 
     let (pid, _rx) = collector(&nodes[1]);
     nodes[1].register_global("svc", &pid).await.unwrap();
     all_see(&nodes, "svc", Some(&pid)).await;
-    let ops = rusm_testkit::builder::<T>("ops")
-        .identity(ca.issue("ops").unwrap())
-        .trust(ca.trust())
+    let ops = rusm_testkit::issued::<T>(&ca, "ops")
         .hidden(true)
         .start()
         .await

@@ -384,9 +384,7 @@ pub async fn attach_reads_the_report_without_joining<T: Transport>() {
         // Taken out and dropped: the mailbox is empty again.
         recv(&mut at_db).await;
     }
-    let ops = rusm_testkit::builder::<T>("ops")
-        .identity(ca.issue("ops").unwrap())
-        .trust(ca.trust())
+    let ops = rusm_testkit::issued::<T>(&ca, "ops")
         .hidden(true)
         .start()
         .await

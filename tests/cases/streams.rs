@@ -101,11 +101,7 @@ async fn overtaking<T: Transport>(coalescing: bool) {
         }
         config.limits.max_message_size = BIG;
         config.link_budget_bytes = 2 * BIG;
-        rusm_testkit::builder::<T>(name)
-            .identity(ca.issue(name).unwrap())
-            .trust(ca.trust())
-            .config(config)
-            .start()
+        rusm_testkit::issued::<T>(&ca, name).config(config).start()
     };
     let london = start("london").await.unwrap();
     let paris = start("paris").await.unwrap();
